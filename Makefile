@@ -1,0 +1,51 @@
+# gan-pipeline: `make train` and `make test` work on a fresh machine (they create .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ACCELERATE := $(VENV)/bin/accelerate
+CONFIG ?= configs/mnist5k.yaml
+ARGS ?=
+NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+
+.PHONY: venv train train-multi test test-fast lint style bench bench-scaling clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+## One process (CPU, or one GPU when present).
+train: venv
+	$(PY) pipeline/train.py --config $(CONFIG) $(ARGS)
+
+## Every GPU of this host; on a CPU-only host, 2 processes over gloo.
+train-multi: venv
+ifneq ($(NGPU),0)
+	$(ACCELERATE) launch --config_file launch/gpus_1host.yaml --num_processes $(NGPU) \
+		pipeline/train.py --config $(CONFIG) output_dir=runs/mnist5k-multi $(ARGS)
+else
+	ACCELERATE_USE_CPU=1 $(ACCELERATE) launch --config_file launch/cpu_2proc.yaml --num_processes 2 \
+		pipeline/train.py --config $(CONFIG) output_dir=runs/mnist5k-multi $(ARGS)
+endif
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check pipeline tests bench
+	$(VENV)/bin/ruff format --check pipeline tests bench
+
+style: venv
+	$(VENV)/bin/ruff check --fix pipeline tests bench
+	$(VENV)/bin/ruff format pipeline tests bench
+
+bench: venv
+	$(PY) bench/bench.py
+
+bench-scaling: venv
+	$(PY) bench/bench.py --only scaling
+
+clean:
+	rm -rf runs bench.json .pytest_cache

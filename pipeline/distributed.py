@@ -1,0 +1,167 @@
+"""Everything that knows about more than one process: synchronized BatchNorm, per-rank seeds,
+cross-rank reductions and the replica consistency check.
+
+Model code never imports this module; ``sync_batchnorm`` converts a plain model before
+``accelerator.prepare``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CrossReplicaBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch across all ranks.
+
+    One differentiable all-reduce of (per-feature sum, per-feature sum of squares, count) per
+    call, so ranks may hold different batch sizes. Forward, backward and the running-statistics
+    update (unbiased variance, momentum) equal ``nn.BatchNorm1d`` on the concatenated batch.
+    Used on gloo/CPU, where ``nn.SyncBatchNorm`` refuses to run; on one process it is plain BN.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        if x.dim() != 2:
+            raise ValueError(f"CrossReplicaBatchNorm1d expects (N, C) input, got shape {tuple(x.shape)}")
+        from torch.distributed.nn.functional import all_reduce
+
+        xf = x.float()
+        # Moments around a shift shared by all ranks (the running mean, detached) keep the
+        # one-pass variance accurate when |mean| >> std. The shift is a constant, so gradients
+        # are those of BatchNorm on the global batch.
+        shift = self.running_mean.detach().float() if self.track_running_stats else xf.new_zeros(self.num_features)
+        centred = xf - shift
+        count = torch.full((1,), xf.shape[0], dtype=xf.dtype, device=xf.device)
+        total = all_reduce(torch.cat([centred.sum(0), (centred * centred).sum(0), count]))
+        c = self.num_features
+        n = total[-1]
+        delta = total[:c] / n
+        mean = shift + delta
+        var = (total[c : 2 * c] / n - delta * delta).clamp_min(0.0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    factor = self.momentum
+                unbiased = var * (n / (n - 1).clamp_min(1.0))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def _convert(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    out = module
+    if isinstance(module, nn.BatchNorm1d) and type(module) is not cls:
+        out = cls(module.num_features, eps=module.eps, momentum=module.momentum,
+                  affine=module.affine, track_running_stats=module.track_running_stats)
+        out.load_state_dict(module.state_dict())
+        out.train(module.training)
+        out.to(next(iter(module.state_dict().values())).device)
+    for name, child in module.named_children():
+        out.add_module(name, _convert(child, cls))
+    return out
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device, world_size: int) -> tuple[nn.Module, str]:
+    """The one place that decides how G's BatchNorm is synchronized.
+
+    Returns the converted model and the name of the choice: ``none`` on one process,
+    ``torch.nn.SyncBatchNorm`` on CUDA, ``CrossReplicaBatchNorm1d`` elsewhere (gloo/CPU).
+    """
+    if world_size <= 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model, "none"
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model), "torch.nn.SyncBatchNorm"
+    return _convert(model, CrossReplicaBatchNorm1d), "CrossReplicaBatchNorm1d"
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A 63-bit seed for (seed, rank) that never collides with another rank's or another seed's
+    (unlike ``seed * world + rank``, which collides across world sizes)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def seed_rank_streams(seed: int, rank: int) -> int:
+    """Give this rank its own torch (CPU and CUDA), Python and NumPy streams; returns the seed."""
+    s = rank_seed(seed, rank)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    return s
+
+
+def cpu_threads_per_process(requested: int) -> int:
+    """Threads so that local processes x threads = cores, whatever OMP_NUM_THREADS says
+    (oversubscribed gloo ranks run 3-4x slower)."""
+    if requested > 0:
+        return requested
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place, non-differentiable); identity on one process."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def tensor_fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """An exact int64 checksum of a tensor's bits: any differing element changes it (almost surely)."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.dtype.is_floating_point:
+        bits = flat.float().view(torch.int32).to(torch.int64)
+    else:
+        bits = flat.to(torch.int64)
+    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64) % 65521 + 1
+    return (bits * weights).sum()
+
+
+def check_replicas_consistent(named_tensors: dict[str, torch.Tensor]) -> None:
+    """Raise RuntimeError naming the first tensor that differs between ranks.
+
+    One all-gather of one int64 checksum per tensor (parameters and buffers, BN running
+    statistics included), so it is cheap enough to run before every checkpoint.
+    """
+    if not is_distributed():
+        return
+    names = sorted(named_tensors)
+    if not names:
+        return
+    local = torch.stack([tensor_fingerprint(named_tensors[n]) for n in names])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    stacked = torch.stack(gathered)
+    differs = (stacked != stacked[0]).any(0)
+    if bool(differs.any()):
+        bad = names[int(differs.nonzero()[0])]
+        raise RuntimeError(
+            f"replica divergence: tensor '{bad}' differs between ranks; the ranks are no longer "
+            "training the same model (check for rank-dependent code or non-deterministic kernels)"
+        )
