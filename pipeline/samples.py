@@ -1,0 +1,46 @@
+"""Sample grids from a fixed latent batch: the same images for the whole run and across resumes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.utils import make_grid, save_image
+
+SAMPLE_SEED_OFFSET = 7919  # the grid's latents never share a stream with training
+
+
+def fixed_latents(seed: int, n: int, latent_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Latents drawn from their own generator, so they depend on (seed, n) only."""
+    g = torch.Generator().manual_seed(seed + SAMPLE_SEED_OFFSET)
+    return torch.randn(n, latent_dim, generator=g).to(device)
+
+
+@torch.no_grad()
+def render(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """G(z) in eval mode (running BN statistics, no dropout) as (N, 1, 28, 28) in [0, 1]."""
+    was_training = G.training
+    G.eval()
+    try:
+        images = G(z).float()
+    finally:
+        G.train(was_training)
+    return ((images.reshape(-1, 1, 28, 28) + 1) / 2).clamp(0, 1).cpu()
+
+
+def grid(images01: torch.Tensor) -> torch.Tensor:
+    nrow = max(1, int(round(len(images01) ** 0.5)))
+    return make_grid(images01, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def save_grid(images01: torch.Tensor, path: Path) -> np.ndarray:
+    """Write the grid as PNG atomically; returns it as an HxWx3 uint8 array for the trackers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    g = grid(images01)
+    save_image(g, str(tmp))
+    os.replace(tmp, path)
+    return (g.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
