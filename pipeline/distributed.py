@@ -20,6 +20,23 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: the gradient of each rank's input is the sum over ranks of
+    the output gradients (every rank's loss depends on every rank's input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 class CrossReplicaBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics are those of the global batch across all ranks.
 
@@ -34,16 +51,16 @@ class CrossReplicaBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         if x.dim() != 2:
             raise ValueError(f"CrossReplicaBatchNorm1d expects (N, C) input, got shape {tuple(x.shape)}")
-        from torch.distributed.nn.functional import all_reduce
-
-        xf = x.float()
-        # Moments around a shift shared by all ranks (the running mean, detached) keep the
-        # one-pass variance accurate when |mean| >> std. The shift is a constant, so gradients
-        # are those of BatchNorm on the global batch.
-        shift = self.running_mean.detach().float() if self.track_running_stats else xf.new_zeros(self.num_features)
+        # Statistics in float64 where the device has it (gloo runs on CPU): the one-pass
+        # E[x^2] - E[x]^2 cancels badly in float32 when |mean| >> std. Moments are also taken
+        # around a shift shared by all ranks (the running mean, a constant for autograd), so
+        # gradients are exactly those of BatchNorm on the global batch.
+        dtype = torch.float64 if x.device.type == "cpu" or x.dtype == torch.float64 else torch.float32
+        xf = x.to(dtype)
+        shift = self.running_mean.detach().to(dtype) if self.track_running_stats else xf.new_zeros(self.num_features)
         centred = xf - shift
-        count = torch.full((1,), xf.shape[0], dtype=xf.dtype, device=xf.device)
-        total = all_reduce(torch.cat([centred.sum(0), (centred * centred).sum(0), count]))
+        count = torch.full((1,), xf.shape[0], dtype=dtype, device=xf.device)
+        total = _AllReduceSum.apply(torch.cat([centred.sum(0), (centred * centred).sum(0), count]))
         c = self.num_features
         n = total[-1]
         delta = total[:c] / n
@@ -61,7 +78,7 @@ class CrossReplicaBatchNorm1d(nn.BatchNorm1d):
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
         y = (xf - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
-            y = y * self.weight + self.bias
+            y = y * self.weight.to(dtype) + self.bias.to(dtype)
         return y.to(x.dtype)
 
 
@@ -70,9 +87,12 @@ def _convert(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     if isinstance(module, nn.BatchNorm1d) and type(module) is not cls:
         out = cls(module.num_features, eps=module.eps, momentum=module.momentum,
                   affine=module.affine, track_running_stats=module.track_running_stats)
-        out.load_state_dict(module.state_dict())
+        state = module.state_dict()
+        reference = next((t for t in state.values() if t.is_floating_point()), None)
+        if reference is not None:  # keep the layer's device and dtype
+            out.to(device=reference.device, dtype=reference.dtype)
+        out.load_state_dict(state)
         out.train(module.training)
-        out.to(next(iter(module.state_dict().values())).device)
     for name, child in module.named_children():
         out.add_module(name, _convert(child, cls))
     return out
@@ -84,10 +104,14 @@ def sync_batchnorm(model: nn.Module, device: torch.device, world_size: int) -> t
     Returns the converted model and the name of the choice: ``none`` on one process,
     ``torch.nn.SyncBatchNorm`` on CUDA, ``CrossReplicaBatchNorm1d`` elsewhere (gloo/CPU).
     """
-    if world_size <= 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if world_size <= 1 or not norms:
         return model, "none"
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model), "torch.nn.SyncBatchNorm"
+    other = [type(m).__name__ for m in norms if not isinstance(m, nn.BatchNorm1d)]
+    if other:
+        raise NotImplementedError(f"cross-replica BatchNorm off the GPU supports BatchNorm1d only, found {other[0]}")
     return _convert(model, CrossReplicaBatchNorm1d), "CrossReplicaBatchNorm1d"
 
 
@@ -136,7 +160,8 @@ def tensor_fingerprint(t: torch.Tensor) -> torch.Tensor:
     """An exact int64 checksum of a tensor's bits: any differing element changes it (almost surely)."""
     flat = t.detach().contiguous().reshape(-1)
     if flat.dtype.is_floating_point:
-        bits = flat.float().view(torch.int32).to(torch.int64)
+        width = {8: torch.int64, 4: torch.int32, 2: torch.int16}[flat.element_size()]
+        bits = flat.view(width).to(torch.int64)
     else:
         bits = flat.to(torch.int64)
     weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64) % 65521 + 1

@@ -14,6 +14,7 @@ import resource
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,11 @@ def build_gan(cfg: RunConfig, accelerator: Accelerator) -> tuple[GANState, EMA |
     betas = tuple(cfg.train.betas)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.train.g_lr, betas=betas, foreach=True)
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.train.d_lr, betas=betas, foreach=True)
-    G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
+    with warnings.catch_warnings():
+        # torch >= 2.12 renamed broadcast_buffers; Accelerate still passes it, and False keeps
+        # exactly the behaviour wanted here (no buffer broadcast, at init or in forward).
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+        G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
     if cfg.train.compile:
         G, D = torch.compile(G), torch.compile(D)
     return GANState(G, D, opt_G, opt_D, penalty_params(D, cfg.train.penalty_include_biases)), ema, bn_sync
