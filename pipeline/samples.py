@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.utils import make_grid, save_image
 
 SAMPLE_SEED_OFFSET = 7919  # the grid's latents never share a stream with training
 
@@ -32,12 +31,16 @@ def render(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 def grid(images01: torch.Tensor) -> torch.Tensor:
+    from torchvision.utils import make_grid  # imported here: torchvision costs seconds at start-up
+
     nrow = max(1, int(round(len(images01) ** 0.5)))
     return make_grid(images01, nrow=nrow, padding=2, pad_value=1.0)
 
 
 def save_grid(images01: torch.Tensor, path: Path) -> np.ndarray:
     """Write the grid as PNG atomically; returns it as an HxWx3 uint8 array for the trackers."""
+    from torchvision.utils import save_image
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     g = grid(images01)

@@ -88,18 +88,18 @@ def frozen(module: nn.Module):
 
 
 def _apply_or_skip(opt: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor,
-                   on_nonfinite: str, phase: str, step: int) -> torch.Tensor:
-    """Step the optimizer unless some rank saw a non-finite value; returns 1.0 when skipped."""
+                   on_nonfinite: str, phase: str, step: int) -> bool:
+    """Step the optimizer unless some rank saw a non-finite value; returns True when skipped."""
     if _finite_everywhere(loss, grad_norm):
         opt.step()
-        return torch.zeros((), device=loss.device)
+        return False
     opt.zero_grad(set_to_none=True)
     if on_nonfinite == "stop":
         raise NonFiniteError(
             f"non-finite {phase} loss or gradient at step {step} (seen on at least one rank); "
             "lower the learning rates, or set train.on_nonfinite=skip to skip such updates"
         )
-    return torch.ones((), device=loss.device)
+    return True
 
 
 def d_phase(s: GANState, accelerator, cfg: TrainConfig, real: torch.Tensor, z: torch.Tensor,
@@ -122,7 +122,7 @@ def d_phase(s: GANState, accelerator, cfg: TrainConfig, real: torch.Tensor, z: t
     skipped = _apply_or_skip(s.opt_D, total, grad_norm, cfg.on_nonfinite, "D", step)
     stats = {"d_loss": total.detach(), "d_real": torch.sigmoid(d_real.detach()).mean(),
              "d_fake": torch.sigmoid(d_fake.detach()).mean(), "d_penalty": penalty.detach(),
-             "d_grad_norm": grad_norm, "d_skipped": skipped}
+             "d_grad_norm": grad_norm, "d_skipped": torch.tensor(float(skipped), device=total.device)}
     return fake, stats
 
 
@@ -141,13 +141,21 @@ def g_phase(s: GANState, accelerator, cfg: TrainConfig, fake: torch.Tensor,
     accelerator.backward(loss)
     grad_norm = _grad_norm(s.G.parameters())
     skipped = _apply_or_skip(s.opt_G, loss, grad_norm, cfg.on_nonfinite, "G", step)
-    return {"g_loss": loss.detach(), "g_grad_norm": grad_norm, "g_skipped": skipped}
+    return {"g_loss": loss.detach(), "g_grad_norm": grad_norm,
+            "g_skipped": torch.tensor(float(skipped), device=loss.device)}
 
 
 def train_step(s: GANState, accelerator, cfg: TrainConfig, real: torch.Tensor, z: torch.Tensor,
                step: int) -> torch.Tensor:
     """D phase then G phase; returns this step's statistics as one device tensor (STAT_NAMES order)."""
+    # G's BN running statistics move in G's forward, before the non-finite check can skip the
+    # update; under on_nonfinite=skip they are put back when a phase was skipped.
+    saved = [b.detach().clone() for b in s.G.buffers()] if cfg.on_nonfinite == "skip" else None
     fake, d_stats = d_phase(s, accelerator, cfg, real, z, step)
     g_stats = g_phase(s, accelerator, cfg, fake, step)
+    if saved is not None and bool(d_stats["d_skipped"] + g_stats["g_skipped"]):
+        with torch.no_grad():
+            for buf, old in zip(s.G.buffers(), saved):
+                buf.copy_(old)
     stats = {**d_stats, **g_stats}
     return torch.stack([stats[name].float().reshape(()) for name in STAT_NAMES])

@@ -127,8 +127,9 @@ class Trainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
-            if self.resume_from is not None:
-                self.tracking.truncate_after(self.step)
+            # Rows past the starting step come from a run that died before checkpointing them
+            # (step 0: a killed run with no checkpoint at all); they are redone, so drop them.
+            self.tracking.truncate_after(self.step)
         self.evaluator = self._build_evaluator() if cfg.eval.enabled else None
         self._stop_signal: int | None = None
         self.last_metrics: dict[str, float] = {}
@@ -289,12 +290,15 @@ class Trainer:
         cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else 0.0
         perf = torch.tensor([steps * cfg.train.batch_size / elapsed, elapsed / steps, rss_mb, cuda_mb],
                             device=self.device, dtype=torch.float32)
-        packed = torch.cat([stats_sum.float() / steps, perf])
+        packed = torch.cat([stats_sum.float(), perf])
         packed = (all_reduce_sum(packed) / self.world).tolist()  # the one reduction of the interval
-        values = dict(zip(STAT_NAMES, packed))
+        sums = dict(zip(STAT_NAMES, packed))
         images_per_s, step_time, rss, cuda = packed[len(STAT_NAMES):]
-        metrics = {f"train/{k}": v for k, v in values.items() if not k.endswith("skipped")}
-        metrics["train/skipped_updates"] = (values["d_skipped"] + values["g_skipped"]) * steps
+        # Skip decisions are global, so every rank skipped the same steps; a skipped step's
+        # statistics were zeroed and are left out of the phase's mean.
+        counted = {"d": max(steps - round(sums["d_skipped"]), 1), "g": max(steps - round(sums["g_skipped"]), 1)}
+        metrics = {f"train/{k}": v / counted[k[0]] for k, v in sums.items() if not k.endswith("skipped")}
+        metrics["train/skipped_updates"] = sums["d_skipped"] + sums["g_skipped"]
         metrics["train/noise_std"] = instance_noise_std(cfg.train, self.step - 1)
         metrics["train/lr_g"] = self.state.opt_G.param_groups[0]["lr"]
         metrics["train/lr_d"] = self.state.opt_D.param_groups[0]["lr"]

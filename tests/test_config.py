@@ -94,3 +94,21 @@ def test_dry_run_prints_resolved_config_and_bad_key_exits_2_with_one_line():
     assert bad.returncode == 2
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("error:") and "train.stepz" in lines[0]
+
+
+def test_readme_lists_every_config_key_with_its_default():
+    import dataclasses
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+
+    def keys(node, prefix=""):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from keys(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", value
+
+    for key, default in keys(RunConfig()):
+        assert f"| `{key}` | `{json.dumps(default)}` |" in readme, f"README's config table lacks {key}={default!r}"
