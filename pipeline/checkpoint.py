@@ -85,7 +85,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 # --- state <-> tensors ------------------------------------------------------------------------
 
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_to_tensors(
+    opt: torch.optim.Optimizer, prefix: str
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Adam-style state as flat tensors plus JSON-able hyperparameters (no pickle)."""
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -96,12 +98,16 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[
                 tensors[f"{prefix}.{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+        for g in sd["param_groups"]
+    ]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def optimizer_from_tensors(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor],
-                           meta: dict) -> None:
+def optimizer_from_tensors(
+    opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if not name.startswith(prefix + "."):
@@ -124,19 +130,33 @@ def capture_rng_state() -> torch.Tensor:
     np_state = np.random.get_state()
     state = {
         "torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "torch_cuda": [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
-        if torch.cuda.is_available() else [],
+        "torch_cuda": [
+            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
+        ]
+        if torch.cuda.is_available()
+        else [],
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            np_state[1].tolist(),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
     }
     return torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8).clone()
 
 
 def restore_rng_state(blob: torch.Tensor) -> None:
     state = json.loads(bytes(blob.numpy().tobytes()).decode())
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_cpu"])), dtype=torch.uint8).clone())
+    torch.set_rng_state(
+        torch.frombuffer(bytearray(base64.b64decode(state["torch_cpu"])), dtype=torch.uint8).clone()
+    )
     if torch.cuda.is_available() and state["torch_cuda"]:
-        cuda = [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone() for s in state["torch_cuda"]]
+        cuda = [
+            torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+            for s in state["torch_cuda"]
+        ]
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -153,8 +173,13 @@ def _write_file(directory: Path, name: str, tensors: dict[str, torch.Tensor]) ->
     _fsync_file(path)
 
 
-def save_checkpoint(checkpoints_dir: Path, step: int, files: dict[str, dict[str, torch.Tensor]],
-                    manifest: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    files: dict[str, dict[str, torch.Tensor]],
+    manifest: dict[str, Any],
+    keep_last: int,
+) -> Path:
     """Write ``files`` (name -> tensors) and the manifest atomically as ``step-NNNNNNNN``.
 
     Called on the main process only. Returns the final directory.
@@ -169,11 +194,18 @@ def save_checkpoint(checkpoints_dir: Path, step: int, files: dict[str, dict[str,
     for name, tensors in files.items():
         _write_file(tmp, name, tensors)
         records[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-    manifest = {**manifest, "format": FORMAT_VERSION, "step": step, "files": records,
-                "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    manifest = {
+        **manifest,
+        "format": FORMAT_VERSION,
+        "step": step,
+        "files": records,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     write_json_atomic(tmp / MANIFEST, manifest)
     _fsync_dir(tmp)
-    if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way first
+    if (
+        final.exists()
+    ):  # re-saving a step (e.g. after a resume): move the old one out of the way first
         trash = checkpoints_dir / f".trash-{final.name}-{os.getpid()}"
         os.rename(final, trash)
         os.rename(tmp, final)
@@ -196,7 +228,9 @@ def _rotate(checkpoints_dir: Path, keep_last: int) -> None:
     complete = sorted(p for p in checkpoints_dir.glob("step-*") if (p / MANIFEST).is_file())
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in list(checkpoints_dir.glob(".tmp-step-*")) + list(checkpoints_dir.glob(".trash-step-*")):
+    for leftover in list(checkpoints_dir.glob(".tmp-step-*")) + list(
+        checkpoints_dir.glob(".trash-step-*")
+    ):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -221,22 +255,30 @@ def verify(path: Path) -> Checkpoint:
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} is missing; "
-                              "point resume= at a complete step-NNNNNNNN directory")
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: {MANIFEST} is missing; "
+            "point resume= at a complete step-NNNNNNNN directory"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint file {manifest_path} is corrupt ({exc}); use another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint file {manifest_path} is corrupt ({exc}); use another checkpoint"
+        ) from None
     if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')!r}, this version reads "
-                              f"{FORMAT_VERSION}; use the gan-pipeline version that wrote it")
+        raise CheckpointError(
+            f"checkpoint {path} has format {manifest.get('format')!r}, this version reads "
+            f"{FORMAT_VERSION}; use the gan-pipeline version that wrote it"
+        )
     for name, record in manifest.get("files", {}).items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint file {file} is missing; use another checkpoint")
         if file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
-            raise CheckpointError(f"checkpoint file {file} is corrupt (size or sha256 differs from "
-                                  f"{MANIFEST}); use another checkpoint")
+            raise CheckpointError(
+                f"checkpoint file {file} is corrupt (size or sha256 differs from "
+                f"{MANIFEST}); use another checkpoint"
+            )
     return Checkpoint(path, manifest)
 
 
@@ -244,7 +286,9 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """Complete checkpoint directories, newest first (the ``latest`` pointer's target first)."""
     if not checkpoints_dir.is_dir():
         return []
-    found = sorted((p for p in checkpoints_dir.glob("step-*") if (p / MANIFEST).is_file()), reverse=True)
+    found = sorted(
+        (p for p in checkpoints_dir.glob("step-*") if (p / MANIFEST).is_file()), reverse=True
+    )
     pointer = checkpoints_dir / LATEST
     if pointer.is_file():
         target = checkpoints_dir / pointer.read_text().strip()
@@ -273,8 +317,10 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
     for candidate in (path / "checkpoints", path):
         if candidate.is_dir() and complete_checkpoints(candidate):
             return verify(complete_checkpoints(candidate)[0])
-    raise CheckpointError(f"no checkpoint at {path}: expected a step-NNNNNNNN directory holding {MANIFEST}, "
-                          "or a run directory with checkpoints/")
+    raise CheckpointError(
+        f"no checkpoint at {path}: expected a step-NNNNNNNN directory holding {MANIFEST}, "
+        "or a run directory with checkpoints/"
+    )
 
 
 def check_compatible(manifest: dict[str, Any], model_cfg: dict[str, Any], path: Path) -> None:
@@ -290,7 +336,7 @@ def check_compatible(manifest: dict[str, Any], model_cfg: dict[str, Any], path: 
 
 def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     p = prefix + "."
-    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+    return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu"):
@@ -307,10 +353,14 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu"):
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
         except Exception as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
-                                  "pass a checkpoint directory or a pipeline.export file") from None
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({exc}); "
+                "pass a checkpoint directory or a pipeline.export file"
+            ) from None
         if "config" not in meta:
-            raise CheckpointError(f"{path} has no 'config' metadata; it was not written by pipeline.export")
+            raise CheckpointError(
+                f"{path} has no 'config' metadata; it was not written by pipeline.export"
+            )
         cfg = from_dict(json.loads(meta["config"]))
         state = load_file(str(path), device=str(device))
     else:

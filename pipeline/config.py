@@ -165,30 +165,90 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check ranges and choices; raise ConfigError naming the first bad key."""
-    m, d, t, c, lg, s, e = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.log, cfg.sample, cfg.eval
+    m, d, t, c, lg, s, e = (
+        cfg.model,
+        cfg.data,
+        cfg.train,
+        cfg.checkpoint,
+        cfg.log,
+        cfg.sample,
+        cfg.eval,
+    )
     _require(m.latent_dim >= 1, "model.latent_dim", "an integer >= 1", m.latent_dim)
-    _require(len(m.g_hidden) >= 1 and min(m.g_hidden) >= 1, "model.g_hidden", "a non-empty list of positive widths", list(m.g_hidden))
-    _require(len(m.d_hidden) >= 1 and min(m.d_hidden) >= 1, "model.d_hidden", "a non-empty list of positive widths", list(m.d_hidden))
+    _require(
+        len(m.g_hidden) >= 1 and min(m.g_hidden) >= 1,
+        "model.g_hidden",
+        "a non-empty list of positive widths",
+        list(m.g_hidden),
+    )
+    _require(
+        len(m.d_hidden) >= 1 and min(m.d_hidden) >= 1,
+        "model.d_hidden",
+        "a non-empty list of positive widths",
+        list(m.d_hidden),
+    )
     _require(m.image_size == 784, "model.image_size", "784 (28x28 images)", m.image_size)
     _require(0.0 <= m.bn_momentum <= 1.0, "model.bn_momentum", "in [0, 1]", m.bn_momentum)
     _require(m.bn_eps > 0.0, "model.bn_eps", "> 0", m.bn_eps)
     _require(0.0 <= m.d_dropout < 1.0, "model.d_dropout", "in [0, 1)", m.d_dropout)
     _require(m.leaky_slope >= 0.0, "model.leaky_slope", ">= 0", m.leaky_slope)
-    _require(0.0 <= m.ema_decay < 1.0, "model.ema_decay", "in [0, 1) (0 switches the EMA off)", m.ema_decay)
+    _require(
+        0.0 <= m.ema_decay < 1.0,
+        "model.ema_decay",
+        "in [0, 1) (0 switches the EMA off)",
+        m.ema_decay,
+    )
     _require(d.name in DATASETS, "data.name", "one of " + ", ".join(DATASETS), d.name)
     _require(d.synthetic_size >= 16, "data.synthetic_size", "an integer >= 16", d.synthetic_size)
     _require(0.0 < d.eval_fraction < 1.0, "data.eval_fraction", "in (0, 1)", d.eval_fraction)
     _require(t.steps >= 1, "train.steps", "an integer >= 1", t.steps)
-    _require(t.batch_size >= 2, "train.batch_size", "an integer >= 2 (BatchNorm needs 2 samples)", t.batch_size)
+    _require(
+        t.batch_size >= 2,
+        "train.batch_size",
+        "an integer >= 2 (BatchNorm needs 2 samples)",
+        t.batch_size,
+    )
     _require(t.g_lr > 0.0, "train.g_lr", "> 0", t.g_lr)
     _require(t.d_lr > 0.0, "train.d_lr", "> 0", t.d_lr)
-    _require(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), "train.betas", "two numbers in [0, 1)", list(t.betas))
-    _require(t.instance_noise_std >= 0.0, "train.instance_noise_std", ">= 0 (0 switches it off)", t.instance_noise_std)
-    _require(t.instance_noise_decay_steps >= 0, "train.instance_noise_decay_steps", ">= 0 (0 keeps the std constant)", t.instance_noise_decay_steps)
-    _require(t.d_weight_penalty >= 0.0, "train.d_weight_penalty", ">= 0 (0 switches it off)", t.d_weight_penalty)
-    _require(t.mixed_precision in PRECISIONS, "train.mixed_precision", "one of " + ", ".join(PRECISIONS), t.mixed_precision)
-    _require(t.cpu_threads >= 0, "train.cpu_threads", ">= 0 (0 = cores / local processes)", t.cpu_threads)
-    _require(t.on_nonfinite in ON_NONFINITE, "train.on_nonfinite", "one of " + ", ".join(ON_NONFINITE), t.on_nonfinite)
+    _require(
+        len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas),
+        "train.betas",
+        "two numbers in [0, 1)",
+        list(t.betas),
+    )
+    _require(
+        t.instance_noise_std >= 0.0,
+        "train.instance_noise_std",
+        ">= 0 (0 switches it off)",
+        t.instance_noise_std,
+    )
+    _require(
+        t.instance_noise_decay_steps >= 0,
+        "train.instance_noise_decay_steps",
+        ">= 0 (0 keeps the std constant)",
+        t.instance_noise_decay_steps,
+    )
+    _require(
+        t.d_weight_penalty >= 0.0,
+        "train.d_weight_penalty",
+        ">= 0 (0 switches it off)",
+        t.d_weight_penalty,
+    )
+    _require(
+        t.mixed_precision in PRECISIONS,
+        "train.mixed_precision",
+        "one of " + ", ".join(PRECISIONS),
+        t.mixed_precision,
+    )
+    _require(
+        t.cpu_threads >= 0, "train.cpu_threads", ">= 0 (0 = cores / local processes)", t.cpu_threads
+    )
+    _require(
+        t.on_nonfinite in ON_NONFINITE,
+        "train.on_nonfinite",
+        "one of " + ", ".join(ON_NONFINITE),
+        t.on_nonfinite,
+    )
     _require(c.every >= 0, "checkpoint.every", ">= 0 (0 = only at the end)", c.every)
     _require(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
     _require(lg.every >= 1, "log.every", "an integer >= 1", lg.every)
@@ -213,30 +273,42 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
             node = sub.default_factory if sub and sub.default_factory is not MISSING else None  # type: ignore[misc]
             if not dataclasses.is_dataclass(node):
                 break
-        allowed = _allowed_keys(node) if dataclasses.is_dataclass(node) else _allowed_keys(RunConfig)
+        allowed = (
+            _allowed_keys(node) if dataclasses.is_dataclass(node) else _allowed_keys(RunConfig)
+        )
         where = parent_key or "the top level"
-        return ConfigError(f"config error ({source}): unknown key '{key}'; keys allowed in {where}: {allowed}")
+        return ConfigError(
+            f"config error ({source}): unknown key '{key}'; keys allowed in {where}: {allowed}"
+        )
     return ConfigError(f"config error ({source}): bad value for '{key}': {msg}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
     """Defaults, then the YAML preset at ``path``, then dotted ``key=value`` overrides."""
     merged = OmegaConf.structured(RunConfig)
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config error: preset file {path} does not exist; pass an existing YAML file (see configs/)")
+            raise ConfigError(
+                f"config error: preset file {path} does not exist; pass an existing YAML file (see configs/)"
+            )
         try:
             preset = OmegaConf.load(path)
         except Exception as exc:  # yaml.YAMLError, among others
-            raise ConfigError(f"config error: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(
+                f"config error: {path} is not valid YAML: {str(exc).splitlines()[0]}"
+            ) from None
         try:
             merged = OmegaConf.merge(merged, preset)
         except OmegaConfBaseException as exc:
             raise _explain(exc, str(path)) from None
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise ConfigError(f"config error: override '{item}' is not of the form key=value (e.g. train.steps=100)")
+            raise ConfigError(
+                f"config error: override '{item}' is not of the form key=value (e.g. train.steps=100)"
+            )
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:

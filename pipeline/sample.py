@@ -1,6 +1,6 @@
 """Write a PNG grid of samples from a checkpoint or an exported generator.
 
-    python -m pipeline.sample --checkpoint runs/mnist5k --n 64 --out grid.png [--device cuda]
+python -m pipeline.sample --checkpoint runs/mnist5k --n 64 --out grid.png [--device cuda]
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ from pipeline.samples import render, save_grid
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or an exported .safetensors")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint or run directory, or an exported .safetensors",
+    )
     parser.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     parser.add_argument("--out", required=True, help="output PNG")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents")

@@ -12,7 +12,9 @@ from torch import nn
 SAMPLE_SEED_OFFSET = 7919  # the grid's latents never share a stream with training
 
 
-def fixed_latents(seed: int, n: int, latent_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def fixed_latents(
+    seed: int, n: int, latent_dim: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Latents drawn from their own generator, so they depend on (seed, n) only."""
     g = torch.Generator().manual_seed(seed + SAMPLE_SEED_OFFSET)
     return torch.randn(n, latent_dim, generator=g).to(device)
@@ -46,4 +48,4 @@ def save_grid(images01: torch.Tensor, path: Path) -> np.ndarray:
     g = grid(images01)
     save_image(g, str(tmp))
     os.replace(tmp, path)
-    return (g.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    return g.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()

@@ -22,8 +22,17 @@ from pipeline.config import TrainConfig
 from pipeline.distributed import all_reduce_max
 
 # Per-step statistics accumulated on the device (no host sync) and reduced at log intervals.
-STAT_NAMES = ("d_loss", "g_loss", "d_real", "d_fake", "d_penalty", "d_grad_norm", "g_grad_norm",
-              "d_skipped", "g_skipped")
+STAT_NAMES = (
+    "d_loss",
+    "g_loss",
+    "d_real",
+    "d_fake",
+    "d_penalty",
+    "d_grad_norm",
+    "g_grad_norm",
+    "d_skipped",
+    "g_skipped",
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -71,7 +80,9 @@ def _grad_norm(params) -> torch.Tensor:
 
 def _finite_everywhere(*values: torch.Tensor) -> bool:
     """True when every value is finite on every rank: one tiny all-reduce, the step's only sync."""
-    bad = torch.stack([(~torch.isfinite(v)).any() for v in values]).any().to(torch.float32).reshape(1)
+    bad = (
+        torch.stack([(~torch.isfinite(v)).any() for v in values]).any().to(torch.float32).reshape(1)
+    )
     return not bool(all_reduce_max(bad).item())
 
 
@@ -87,8 +98,14 @@ def frozen(module: nn.Module):
             p.requires_grad_(flag)
 
 
-def _apply_or_skip(opt: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor,
-                   on_nonfinite: str, phase: str, step: int) -> bool:
+def _apply_or_skip(
+    opt: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    on_nonfinite: str,
+    phase: str,
+    step: int,
+) -> bool:
     """Step the optimizer unless some rank saw a non-finite value; returns True when skipped."""
     if _finite_everywhere(loss, grad_norm):
         opt.step()
@@ -102,8 +119,9 @@ def _apply_or_skip(opt: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: to
     return True
 
 
-def d_phase(s: GANState, accelerator, cfg: TrainConfig, real: torch.Tensor, z: torch.Tensor,
-            step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def d_phase(
+    s: GANState, accelerator, cfg: TrainConfig, real: torch.Tensor, z: torch.Tensor, step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Update D on a real batch and G(z); returns the fake batch (with G's graph) for the G phase."""
     fake = s.G(z)
     std = instance_noise_std(cfg, step)
@@ -111,23 +129,34 @@ def d_phase(s: GANState, accelerator, cfg: TrainConfig, real: torch.Tensor, z: t
         # Real and fake through D as one batch: one larger matmul per layer. D has no BatchNorm,
         # so this equals two separate passes; dropout masks and noise stay per sample.
         logits = s.D(_add_noise(torch.cat([real, fake.detach()]), std)).float()
-    d_real, d_fake = logits[: real.shape[0]], logits[real.shape[0]:]
-    loss = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
-            + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-    penalty = l2_penalty(s.d_penalty_params, cfg.d_weight_penalty) if cfg.d_weight_penalty > 0 else loss.new_zeros(())
+    d_real, d_fake = logits[: real.shape[0]], logits[real.shape[0] :]
+    loss = F.binary_cross_entropy_with_logits(
+        d_real, torch.ones_like(d_real)
+    ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+    penalty = (
+        l2_penalty(s.d_penalty_params, cfg.d_weight_penalty)
+        if cfg.d_weight_penalty > 0
+        else loss.new_zeros(())
+    )
     total = loss + penalty
     s.opt_D.zero_grad(set_to_none=True)
     accelerator.backward(total)
     grad_norm = _grad_norm(s.D.parameters())
     skipped = _apply_or_skip(s.opt_D, total, grad_norm, cfg.on_nonfinite, "D", step)
-    stats = {"d_loss": total.detach(), "d_real": torch.sigmoid(d_real.detach()).mean(),
-             "d_fake": torch.sigmoid(d_fake.detach()).mean(), "d_penalty": penalty.detach(),
-             "d_grad_norm": grad_norm, "d_skipped": torch.tensor(float(skipped), device=total.device)}
+    stats = {
+        "d_loss": total.detach(),
+        "d_real": torch.sigmoid(d_real.detach()).mean(),
+        "d_fake": torch.sigmoid(d_fake.detach()).mean(),
+        "d_penalty": penalty.detach(),
+        "d_grad_norm": grad_norm,
+        "d_skipped": torch.tensor(float(skipped), device=total.device),
+    }
     return fake, stats
 
 
-def g_phase(s: GANState, accelerator, cfg: TrainConfig, fake: torch.Tensor,
-            step: int) -> dict[str, torch.Tensor]:
+def g_phase(
+    s: GANState, accelerator, cfg: TrainConfig, fake: torch.Tensor, step: int
+) -> dict[str, torch.Tensor]:
     """Update G through the freshly updated D, reusing the D phase's fake batch.
 
     D is frozen (no weight gradients) and outside DDP sync (nothing of D is all-reduced);
@@ -141,12 +170,16 @@ def g_phase(s: GANState, accelerator, cfg: TrainConfig, fake: torch.Tensor,
     accelerator.backward(loss)
     grad_norm = _grad_norm(s.G.parameters())
     skipped = _apply_or_skip(s.opt_G, loss, grad_norm, cfg.on_nonfinite, "G", step)
-    return {"g_loss": loss.detach(), "g_grad_norm": grad_norm,
-            "g_skipped": torch.tensor(float(skipped), device=loss.device)}
+    return {
+        "g_loss": loss.detach(),
+        "g_grad_norm": grad_norm,
+        "g_skipped": torch.tensor(float(skipped), device=loss.device),
+    }
 
 
-def train_step(s: GANState, accelerator, cfg: TrainConfig, real: torch.Tensor, z: torch.Tensor,
-               step: int) -> torch.Tensor:
+def train_step(
+    s: GANState, accelerator, cfg: TrainConfig, real: torch.Tensor, z: torch.Tensor, step: int
+) -> torch.Tensor:
     """D phase then G phase; returns this step's statistics as one device tensor (STAT_NAMES order)."""
     # G's BN running statistics move in G's forward, before the non-finite check can skip the
     # update; under on_nonfinite=skip they are put back when a phase was skipped.

@@ -26,16 +26,22 @@ from pipeline.step import NonFiniteError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML preset from configs/ (defaults apply when omitted)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Rank-aware output: every rank computes, the main process reports (warnings still show).
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     trainer = None
     try:
         cfg = load_config(args.config, args.overrides)
@@ -60,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _error(trainer, exc: Exception) -> None:
     """One line on stderr, from the main process only (every rank raises the same error)."""
-    main = trainer.accelerator.is_main_process if trainer is not None else os.environ.get("RANK", "0") == "0"
+    main = (
+        trainer.accelerator.is_main_process
+        if trainer is not None
+        else os.environ.get("RANK", "0") == "0"
+    )
     if main:
         print(f"error: {exc}", file=sys.stderr)
 

@@ -41,12 +41,26 @@ from pipeline.distributed import (
 from pipeline.ema import EMA
 from pipeline.models import build_models
 from pipeline.samples import fixed_latents, render, save_grid
-from pipeline.step import STAT_NAMES, GANState, NonFiniteError, instance_noise_std, penalty_params, train_step
+from pipeline.step import (
+    STAT_NAMES,
+    GANState,
+    NonFiniteError,
+    instance_noise_std,
+    penalty_params,
+    train_step,
+)
 
 logger = get_logger(__name__)
 
-RUN_ARTIFACTS = ("checkpoints", "samples", "metrics.jsonl", "summary.json", "curves.png", "config.yaml",
-                 "tensorboard")
+RUN_ARTIFACTS = (
+    "checkpoints",
+    "samples",
+    "metrics.jsonl",
+    "summary.json",
+    "curves.png",
+    "config.yaml",
+    "tensorboard",
+)
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -54,22 +68,34 @@ def _due(step: int, every: int, last: int) -> bool:
 
 
 def _use_cpu() -> bool:
-    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
 
 
 def make_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Accelerator:
     """The one Accelerator of a run: gloo on CPU (also for several processes), NCCL on GPUs."""
     cpu = _use_cpu()
+    threads = cpu_threads_per_process(cfg.train.cpu_threads)
     if cpu:
-        torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
-    return Accelerator(
+        # Processes x threads = cores, whatever OMP_NUM_THREADS said; set before the Accelerator
+        # too, which otherwise picks its own count (and warns) for several CPU processes.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.train.mixed_precision,
         log_with=log_with or None,
         project_dir=cfg.output_dir,
         # G's synchronized BN keeps buffers equal, so DDP need not broadcast them every step.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
+        ],
     )
+    if cpu:
+        torch.set_num_threads(threads)
+    return accelerator
 
 
 def build_gan(cfg: RunConfig, accelerator: Accelerator) -> tuple[GANState, EMA | None, str]:
@@ -90,11 +116,17 @@ def build_gan(cfg: RunConfig, accelerator: Accelerator) -> tuple[GANState, EMA |
     with warnings.catch_warnings():
         # torch >= 2.12 renamed broadcast_buffers; Accelerate still passes it, and False keeps
         # exactly the behaviour wanted here (no buffer broadcast, at init or in forward).
-        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning
+        )
         G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
     if cfg.train.compile:
         G, D = torch.compile(G), torch.compile(D)
-    return GANState(G, D, opt_G, opt_D, penalty_params(D, cfg.train.penalty_include_biases)), ema, bn_sync
+    return (
+        GANState(G, D, opt_G, opt_D, penalty_params(D, cfg.train.penalty_include_biases)),
+        ema,
+        bn_sync,
+    )
 
 
 class Trainer:
@@ -113,8 +145,9 @@ class Trainer:
         self.state, self.ema, self.bn_sync = build_gan(cfg, acc)
         train_set = load_dataset(cfg.data, "train")
         self.images = train_set.images.to(self.device)
-        self.batches = ShardedBatches(len(train_set), cfg.train.batch_size, self.rank, self.world, cfg.seed,
-                                      self.device)
+        self.batches = ShardedBatches(
+            len(train_set), cfg.train.batch_size, self.rank, self.world, cfg.seed, self.device
+        )
         self.step = 0
         run_id = None
         if self.resume_from is not None:
@@ -134,15 +167,17 @@ class Trainer:
         self._stop_signal: int | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
-        logger.info(f"{self.world} process(es) on {self.device}, BatchNorm sync: {self.bn_sync}, "
-                    f"global batch {cfg.train.batch_size * self.world}, threads/process {torch.get_num_threads()}",
-                    main_process_only=True)
+        logger.info(
+            f"{self.world} process(es) on {self.device}, BatchNorm sync: {self.bn_sync}, "
+            f"global batch {cfg.train.batch_size * self.world}, threads/process {torch.get_num_threads()}",
+            main_process_only=True,
+        )
 
     # --- set-up -------------------------------------------------------------------------------
 
     def _choose_checkpoint(self) -> ckpt.Checkpoint | None:
         """Decide on the main process where to resume from; every rank gets the same answer."""
-        cfg, acc = self.cfg, self.accelerator
+        acc = self.accelerator
         choice: list[Any] = [None, None]
         if acc.is_main_process:
             try:
@@ -156,8 +191,13 @@ class Trainer:
             raise (ConfigError if kind == "ConfigError" else ckpt.CheckpointError)(msg)
         if choice[0] is None:
             return None
-        return ckpt.verify(Path(choice[0])) if acc.is_main_process else ckpt.Checkpoint(
-            Path(choice[0]), json.loads((Path(choice[0]) / ckpt.MANIFEST).read_text()))
+        return (
+            ckpt.verify(Path(choice[0]))
+            if acc.is_main_process
+            else ckpt.Checkpoint(
+                Path(choice[0]), json.loads((Path(choice[0]) / ckpt.MANIFEST).read_text())
+            )
+        )
 
     def _find_checkpoint_main(self) -> str | None:
         cfg = self.cfg
@@ -165,17 +205,25 @@ class Trainer:
         if resume == "none":
             existing = [p for p in RUN_ARTIFACTS if (self.out / p).exists()]
             if existing and not cfg.overwrite:
-                raise ConfigError(f"config error: output_dir {self.out} already holds a run ({', '.join(existing)}); "
-                                  "set resume=auto to continue it, overwrite=true to replace it, or another output_dir")
+                raise ConfigError(
+                    f"config error: output_dir {self.out} already holds a run ({', '.join(existing)}); "
+                    "set resume=auto to continue it, overwrite=true to replace it, or another output_dir"
+                )
             for name in existing:
                 target = self.out / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             return None
         if resume == "auto":
             found = ckpt.find_resumable(self.out / "checkpoints")
-            if found is None and (self.out / "checkpoints").is_dir() and ckpt.complete_checkpoints(self.out / "checkpoints"):
-                raise ckpt.CheckpointError(f"every checkpoint under {self.out / 'checkpoints'} is corrupt; "
-                                           "set resume=none overwrite=true to start over")
+            if (
+                found is None
+                and (self.out / "checkpoints").is_dir()
+                and ckpt.complete_checkpoints(self.out / "checkpoints")
+            ):
+                raise ckpt.CheckpointError(
+                    f"every checkpoint under {self.out / 'checkpoints'} is corrupt; "
+                    "set resume=none overwrite=true to start over"
+                )
         else:
             found = ckpt.resolve_checkpoint(resume)
         if found is not None:
@@ -190,10 +238,16 @@ class Trainer:
         acc.unwrap_model(s.G).load_state_dict(ckpt.split_prefixed(model, "G"))
         acc.unwrap_model(s.D).load_state_dict(ckpt.split_prefixed(model, "D"))
         if self.ema is not None:
-            self.ema.module.load_state_dict(ckpt.split_prefixed(model, "G_ema") or ckpt.split_prefixed(model, "G"))
+            self.ema.module.load_state_dict(
+                ckpt.split_prefixed(model, "G_ema") or ckpt.split_prefixed(model, "G")
+            )
         optim = c.tensors("optim.safetensors")
-        ckpt.optimizer_from_tensors(s.opt_G.optimizer, "opt_G", optim, c.manifest["optimizers"]["opt_G"])
-        ckpt.optimizer_from_tensors(s.opt_D.optimizer, "opt_D", optim, c.manifest["optimizers"]["opt_D"])
+        ckpt.optimizer_from_tensors(
+            s.opt_G.optimizer, "opt_G", optim, c.manifest["optimizers"]["opt_G"]
+        )
+        ckpt.optimizer_from_tensors(
+            s.opt_D.optimizer, "opt_D", optim, c.manifest["optimizers"]["opt_D"]
+        )
         for opt, lr in ((s.opt_G, self.cfg.train.g_lr), (s.opt_D, self.cfg.train.d_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr  # the config of this run wins for hyperparameters
@@ -204,9 +258,12 @@ class Trainer:
             ckpt.restore_rng_state(c.tensors("rng.safetensors")[f"rank{self.rank}"])
         else:
             seed_rank_streams(rank_seed(self.cfg.seed, self.step), self.rank)
-            logger.warning(f"resuming a {saved_world}-process checkpoint on {self.world} processes: the per-rank "
-                           "random streams (latents, dropout, noise) are re-derived from (seed, step, rank), "
-                           "so the run continues correctly but not bit-identically", main_process_only=True)
+            logger.warning(
+                f"resuming a {saved_world}-process checkpoint on {self.world} processes: the per-rank "
+                "random streams (latents, dropout, noise) are re-derived from (seed, step, rank), "
+                "so the run continues correctly but not bit-identically",
+                main_process_only=True,
+            )
         logger.info(f"resumed from {c.path} at step {self.step}", main_process_only=True)
         return c.manifest.get("tracker_run_id")
 
@@ -229,18 +286,28 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
-        return bool(all_reduce_max(flag).item()) if self.world > 1 else self._stop_signal is not None
+        return (
+            bool(all_reduce_max(flag).item()) if self.world > 1 else self._stop_signal is not None
+        )
 
     def fit(self) -> dict[str, Any]:
         cfg, acc, s = self.cfg, self.accelerator, self.state
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
         total = cfg.train.steps
         stats_sum = torch.zeros(len(STAT_NAMES), device=self.device)
         steps_in_interval, t_interval = 0, time.perf_counter()
         t_start = time.perf_counter()
         start_step = self.step
-        bar = tqdm(total=total, initial=self.step, disable=not acc.is_main_process, dynamic_ncols=True,
-                   desc="train", unit="step")
+        bar = tqdm(
+            total=total,
+            initial=self.step,
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+            desc="train",
+            unit="step",
+        )
         try:
             s.G.train()
             s.D.train()
@@ -258,22 +325,35 @@ class Trainer:
                 if _due(self.step, cfg.log.every, total) or stop:
                     elapsed = time.perf_counter() - t_interval
                     self.last_metrics = self._log_train(stats_sum, steps_in_interval, elapsed)
-                    bar.set_postfix({"D": f"{self.last_metrics['train/d_loss']:.3f}",
-                                     "G": f"{self.last_metrics['train/g_loss']:.3f}",
-                                     "img/s": f"{self.last_metrics['perf/images_per_s']:.0f}"})
+                    bar.set_postfix(
+                        {
+                            "D": f"{self.last_metrics['train/d_loss']:.3f}",
+                            "G": f"{self.last_metrics['train/g_loss']:.3f}",
+                            "img/s": f"{self.last_metrics['perf/images_per_s']:.0f}",
+                        }
+                    )
                     stats_sum.zero_()
                     steps_in_interval, t_interval = 0, time.perf_counter()
                 bar.update(1)
                 if _due(self.step, cfg.sample.every, total) or stop:
                     self._save_samples()
-                if self.evaluator is not None and (_due(self.step, cfg.eval.every, total) and not stop):
+                if self.evaluator is not None and (
+                    _due(self.step, cfg.eval.every, total) and not stop
+                ):
                     self._evaluate()
                 if _due(self.step, cfg.checkpoint.every, total) or last:
                     self._save_checkpoint()
                 if stop:
-                    name = signal.Signals(self._stop_signal or signal.SIGTERM).name if self._stop_signal else "a signal"
-                    logger.info(f"stopped by {name} at step {self.step}; checkpoint written, "
-                                "run the same command again to resume", main_process_only=True)
+                    name = (
+                        signal.Signals(self._stop_signal or signal.SIGTERM).name
+                        if self._stop_signal
+                        else "a signal"
+                    )
+                    logger.info(
+                        f"stopped by {name} at step {self.step}; checkpoint written, "
+                        "run the same command again to resume",
+                        main_process_only=True,
+                    )
                     break
         finally:
             bar.close()
@@ -288,16 +368,24 @@ class Trainer:
         cfg = self.cfg
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else 0.0
-        perf = torch.tensor([steps * cfg.train.batch_size / elapsed, elapsed / steps, rss_mb, cuda_mb],
-                            device=self.device, dtype=torch.float32)
+        perf = torch.tensor(
+            [steps * cfg.train.batch_size / elapsed, elapsed / steps, rss_mb, cuda_mb],
+            device=self.device,
+            dtype=torch.float32,
+        )
         packed = torch.cat([stats_sum.float(), perf])
         packed = (all_reduce_sum(packed) / self.world).tolist()  # the one reduction of the interval
         sums = dict(zip(STAT_NAMES, packed))
-        images_per_s, step_time, rss, cuda = packed[len(STAT_NAMES):]
+        images_per_s, step_time, rss, cuda = packed[len(STAT_NAMES) :]
         # Skip decisions are global, so every rank skipped the same steps; a skipped step's
         # statistics were zeroed and are left out of the phase's mean.
-        counted = {"d": max(steps - round(sums["d_skipped"]), 1), "g": max(steps - round(sums["g_skipped"]), 1)}
-        metrics = {f"train/{k}": v / counted[k[0]] for k, v in sums.items() if not k.endswith("skipped")}
+        counted = {
+            "d": max(steps - round(sums["d_skipped"]), 1),
+            "g": max(steps - round(sums["g_skipped"]), 1),
+        }
+        metrics = {
+            f"train/{k}": v / counted[k[0]] for k, v in sums.items() if not k.endswith("skipped")
+        }
         metrics["train/skipped_updates"] = sums["d_skipped"] + sums["g_skipped"]
         metrics["train/noise_std"] = instance_noise_std(cfg.train, self.step - 1)
         metrics["train/lr_g"] = self.state.opt_G.param_groups[0]["lr"]
@@ -311,7 +399,9 @@ class Trainer:
         return metrics
 
     def _generator_for_eval(self) -> torch.nn.Module:
-        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.state.G)
+        return (
+            self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.state.G)
+        )
 
     def _save_samples(self) -> None:
         if not self.accelerator.is_main_process:
@@ -364,14 +454,22 @@ class Trainer:
         padded[: blob.numel()] = blob.to(self.device)
         gathered = [torch.zeros_like(padded) for _ in range(self.world)]
         dist.all_gather(gathered, padded)
-        return {f"rank{r}": t[: int(n.item())].cpu() for r, (t, n) in enumerate(zip(gathered, lengths))}
+        return {
+            f"rank{r}": t[: int(n.item())].cpu() for r, (t, n) in enumerate(zip(gathered, lengths))
+        }
 
     def _save_checkpoint(self) -> None:
         acc, s = self.accelerator, self.state
         named = self._named_state()
-        bad = [k for k, v in named.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = [
+            k
+            for k, v in named.items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
         if bad:
-            raise NonFiniteError(f"refusing to write a checkpoint at step {self.step}: tensor '{bad[0]}' is not finite")
+            raise NonFiniteError(
+                f"refusing to write a checkpoint at step {self.step}: tensor '{bad[0]}' is not finite"
+            )
         check_replicas_consistent(named)
         rng = self._gather_rng()
         if acc.is_main_process:
@@ -385,9 +483,14 @@ class Trainer:
                 "optimizers": {"opt_G": meta_g, "opt_D": meta_d},
                 "ema": self.ema is not None,
             }
-            files = {"model.safetensors": named, "optim.safetensors": {**opt_g, **opt_d}, "rng.safetensors": rng}
-            path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, files, manifest,
-                                        self.cfg.checkpoint.keep_last)
+            files = {
+                "model.safetensors": named,
+                "optim.safetensors": {**opt_g, **opt_d},
+                "rng.safetensors": rng,
+            }
+            path = ckpt.save_checkpoint(
+                self.out / "checkpoints", self.step, files, manifest, self.cfg.checkpoint.keep_last
+            )
             logger.info(f"checkpoint {path}", main_process_only=True)
         acc.wait_for_everyone()
 

@@ -857,7 +857,9 @@ def test_nan_in_g_forward_under_skip_leaves_bn_running_statistics_finite(tmp_pat
     real_forward, calls = Generator.forward, {"n": 0}
 
     def nan_once(self, z):
-        out = real_forward(self, z * float("nan") if calls["n"] == NAN_STEP and self.training else z)
+        out = real_forward(
+            self, z * float("nan") if calls["n"] == NAN_STEP and self.training else z
+        )
         calls["n"] += self.training
         return out
 

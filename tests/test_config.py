@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_defaults_match_the_reference_design():
     cfg = load_config()
-    assert (cfg.model.latent_dim, list(cfg.model.g_hidden), list(cfg.model.d_hidden)) == (100, [256, 512, 1024], [1024, 512])
+    assert (cfg.model.latent_dim, list(cfg.model.g_hidden), list(cfg.model.d_hidden)) == (
+        100,
+        [256, 512, 1024],
+        [1024, 512],
+    )
     assert (cfg.model.d_dropout, cfg.model.leaky_slope) == (0.5, 0.2)
     assert (cfg.train.g_lr, cfg.train.d_lr, list(cfg.train.betas)) == (2e-4, 2e-4, [0.5, 0.999])
 
@@ -85,12 +89,29 @@ def test_resolved_config_round_trips_through_a_dict():
 
 
 def test_dry_run_prints_resolved_config_and_bad_key_exits_2_with_one_line():
-    ok = subprocess.run([sys.executable, "pipeline/train.py", "--config", "configs/smoke.yaml", "--dry-run",
-                         "train.steps=11"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "pipeline/train.py",
+            "--config",
+            "configs/smoke.yaml",
+            "--dry-run",
+            "train.steps=11",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert yaml.safe_load(ok.stdout)["train"]["steps"] == 11
-    bad = subprocess.run([sys.executable, "pipeline/train.py", "--config", "configs/smoke.yaml", "train.stepz=1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "pipeline/train.py", "--config", "configs/smoke.yaml", "train.stepz=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("error:") and "train.stepz" in lines[0]
@@ -111,4 +132,6 @@ def test_readme_lists_every_config_key_with_its_default():
                 yield f"{prefix}{f.name}", value
 
     for key, default in keys(RunConfig()):
-        assert f"| `{key}` | `{json.dumps(default)}` |" in readme, f"README's config table lacks {key}={default!r}"
+        assert f"| `{key}` | `{json.dumps(default)}` |" in readme, (
+            f"README's config table lacks {key}={default!r}"
+        )

@@ -414,10 +414,21 @@ def test_cli_scores_a_generator_from_a_checkpoint_export(
     cfg = load_config(None, ["data.name=synthetic", "model.g_hidden=[16,32]", "model.latent_dim=8"])
     torch.manual_seed(0)
     G = Generator(cfg.model)
-    save_file({k: v.contiguous() for k, v in G.state_dict().items()}, tmp_path / "g.safetensors",
-              metadata={"config": json.dumps(to_dict(cfg))})
-    code = main(["--checkpoint", str(tmp_path / "g.safetensors"), "--n", "200",
-                 "--cache-dir", str(synthetic_cache[0].parent)])
+    save_file(
+        {k: v.contiguous() for k, v in G.state_dict().items()},
+        tmp_path / "g.safetensors",
+        metadata={"config": json.dumps(to_dict(cfg))},
+    )
+    code = main(
+        [
+            "--checkpoint",
+            str(tmp_path / "g.safetensors"),
+            "--n",
+            "200",
+            "--cache-dir",
+            str(synthetic_cache[0].parent),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     metrics = json.loads(out)

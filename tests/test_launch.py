@@ -15,9 +15,18 @@ from tests.dist_utils import free_port, run_on_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-TINY = ["--config", "configs/smoke.yaml", "model.g_hidden=[32,64]", "model.d_hidden=[64,32]",
-        "model.latent_dim=16", "train.batch_size=8", "train.steps=4", "log.every=2",
-        "checkpoint.every=2", "sample.every=2"]
+TINY = [
+    "--config",
+    "configs/smoke.yaml",
+    "model.g_hidden=[32,64]",
+    "model.d_hidden=[64,32]",
+    "model.latent_dim=16",
+    "train.batch_size=8",
+    "train.steps=4",
+    "log.every=2",
+    "checkpoint.every=2",
+    "sample.every=2",
+]
 
 
 def _env():
@@ -33,15 +42,29 @@ def _manifest(run: Path) -> dict:
 
 def test_accelerate_launch_two_cpu_processes_trains_end_to_end(tmp_path):
     run = tmp_path / "run"
-    cmd = [ACCELERATE, "launch", "--config_file", "launch/cpu_2proc.yaml", "--num_processes", "2",
-           "--main_process_port", str(free_port()), "pipeline/train.py", *TINY, f"output_dir={run}"]
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        "launch/cpu_2proc.yaml",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "pipeline/train.py",
+        *TINY,
+        f"output_dir={run}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = _manifest(run)
     assert manifest["step"] == 4 and manifest["world_size"] == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/d_loss" in r] == [2, 4]
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-00000002.png",
+        "step-00000004.png",
+    ]
     # Rank-aware output: the start-up line is printed by the main process only.
     assert (proc.stdout + proc.stderr).count("2 process(es)") == 1
     assert "CrossReplicaBatchNorm1d" in proc.stdout + proc.stderr
@@ -50,11 +73,31 @@ def test_accelerate_launch_two_cpu_processes_trains_end_to_end(tmp_path):
 def test_two_host_launch_on_loopback_trains(tmp_path):
     run = tmp_path / "run"
     port = str(free_port())
-    common = [ACCELERATE, "launch", "--config_file", "launch/multi_node.yaml", "--num_machines", "2",
-              "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port]
-    hosts = [subprocess.Popen([*common, "--machine_rank", str(rank), "pipeline/train.py", *TINY,
-                               f"output_dir={run}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    common = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        "launch/multi_node.yaml",
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        port,
+    ]
+    hosts = [
+        subprocess.Popen(
+            [*common, "--machine_rank", str(rank), "pipeline/train.py", *TINY, f"output_dir={run}"],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     try:
         outputs = [h.communicate(timeout=300)[0] for h in hosts]
     finally:
@@ -71,11 +114,18 @@ def _planted_losses(rank, world, out_dir):
     from pipeline.step import STAT_NAMES
     from pipeline.trainer import Trainer
 
-    cfg = load_config("configs/smoke.yaml", [f"output_dir={out_dir}", "model.g_hidden=[16]",
-                                             "model.d_hidden=[16]"])
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [f"output_dir={out_dir}", "model.g_hidden=[16]", "model.d_hidden=[16]"],
+    )
     trainer = Trainer(cfg)
     try:
-        planted = torch.full((len(STAT_NAMES),), float(rank + 1)) * torch.arange(1, len(STAT_NAMES) + 1)
+        planted = torch.full((len(STAT_NAMES),), float(rank + 1)) * torch.arange(
+            1, len(STAT_NAMES) + 1
+        )
+        planted[[STAT_NAMES.index("d_skipped"), STAT_NAMES.index("g_skipped")]] = (
+            0.0  # no skipped steps
+        )
         trainer.step = 5
         trainer._log_train(planted * 2, steps=2, elapsed=1.0)  # two steps' sums
     finally:
@@ -85,7 +135,9 @@ def _planted_losses(rank, world, out_dir):
 
 def test_logged_metrics_are_the_mean_over_replicas(tmp_path):
     os.chdir(ROOT)
-    run_on_ranks(_planted_losses, 2, str(tmp_path), init_process_group=False, env={"ACCELERATE_USE_CPU": "1"})
+    run_on_ranks(
+        _planted_losses, 2, str(tmp_path), init_process_group=False, env={"ACCELERATE_USE_CPU": "1"}
+    )
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     # rank 0 planted k, rank 1 planted 2k for the k-th statistic: the mean is 1.5k.
     assert row["train/d_loss"] == 1.5 and row["train/g_loss"] == 3.0 and row["train/d_real"] == 4.5

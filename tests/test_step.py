@@ -17,8 +17,17 @@ ACCEL_ENV = {"ACCELERATE_USE_CPU": "1"}
 
 
 def _cfg(overrides):
-    return load_config(None, ["model.g_hidden=[32,48]", "model.d_hidden=[40,24]", "model.latent_dim=8",
-                              "train.d_weight_penalty=0.01", "log.trackers=[none]", *overrides])
+    return load_config(
+        None,
+        [
+            "model.g_hidden=[32,48]",
+            "model.d_hidden=[40,24]",
+            "model.latent_dim=8",
+            "train.d_weight_penalty=0.01",
+            "log.trackers=[none]",
+            *overrides,
+        ],
+    )
 
 
 def _fixed_batches(world, rank):
@@ -42,8 +51,11 @@ def _train_fixed(rank, world, overrides):
     for step in range(STEPS):
         train_step(state, acc, cfg.train, real[step], z[step], step)
     G, D = acc.unwrap_model(state.G), acc.unwrap_model(state.D)
-    return {"G": {k: v.clone() for k, v in G.state_dict().items()},
-            "D": {k: v.clone() for k, v in D.state_dict().items()}, "bn_sync": bn_sync}
+    return {
+        "G": {k: v.clone() for k, v in G.state_dict().items()},
+        "D": {k: v.clone() for k, v in D.state_dict().items()},
+        "bn_sync": bn_sync,
+    }
 
 
 DETERMINISTIC = ["model.d_dropout=0", "train.instance_noise_std=0"]
@@ -51,15 +63,19 @@ DETERMINISTIC = ["model.d_dropout=0", "train.instance_noise_std=0"]
 
 def _two_rank_scenarios(rank, world):
     """Every 2-rank scenario of this file in one spawn (starting processes dominates the cost)."""
-    return {"fixed": _train_fixed(rank, world, DETERMINISTIC),
-            "streams": _random_streams(rank, world, 7),
-            "streams_again": _random_streams(rank, world, 7),
-            "g_phase": _g_phase_touches_nothing_of_d(rank, world)}
+    return {
+        "fixed": _train_fixed(rank, world, DETERMINISTIC),
+        "streams": _random_streams(rank, world, 7),
+        "streams_again": _random_streams(rank, world, 7),
+        "g_phase": _g_phase_touches_nothing_of_d(rank, world),
+    }
 
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return run_on_ranks(_two_rank_scenarios, 2, init_process_group=False, env=ACCEL_ENV, timeout=300)
+    return run_on_ranks(
+        _two_rank_scenarios, 2, init_process_group=False, env=ACCEL_ENV, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +90,13 @@ def test_training_step_two_ranks_half_batch_equal_one_rank_whole_batch(one_vs_tw
     for net in ("G", "D"):
         for name, ref in one[net].items():
             for rank in (0, 1):
-                torch.testing.assert_close(two[rank][net][name], ref, rtol=1e-4, atol=1e-5,
-                                           msg=lambda m, n=name, r=rank: f"{net}.{n} on rank {r}: {m}")
+                torch.testing.assert_close(
+                    two[rank][net][name],
+                    ref,
+                    rtol=1e-4,
+                    atol=1e-5,
+                    msg=lambda m, g=net, n=name, r=rank: f"{g}.{n} on rank {r}: {m}",
+                )
 
 
 def test_bn_running_statistics_after_training_equal_global_batch_statistics(one_vs_two):
@@ -110,8 +131,12 @@ def _random_streams(rank, world, seed):
         latents.append(z)
         train_step(state, acc, cfg.train, images[batches.next_indices()], z, step)
     noise = torch.randn(4, 784)  # the next draw of the same stream that feeds instance noise
-    return {"z": torch.stack(latents), "mask": masks[0], "noise": noise,
-            "params": {k: v.clone() for k, v in acc.unwrap_model(state.G).state_dict().items()}}
+    return {
+        "z": torch.stack(latents),
+        "mask": masks[0],
+        "noise": noise,
+        "params": {k: v.clone() for k, v in acc.unwrap_model(state.G).state_dict().items()},
+    }
 
 
 def test_ranks_draw_different_latents_masks_and_noise_and_runs_reproduce(two_ranks):
@@ -121,9 +146,13 @@ def test_ranks_draw_different_latents_masks_and_noise_and_runs_reproduce(two_ran
         assert not torch.equal(first[0][key], first[1][key]), f"ranks share their {key}"
     for rank in (0, 1):
         for key in ("z", "mask", "noise"):
-            assert torch.equal(first[rank][key], again[rank][key]), f"{key} not reproduced on rank {rank}"
+            assert torch.equal(first[rank][key], again[rank][key]), (
+                f"{key} not reproduced on rank {rank}"
+            )
         for name, value in first[rank]["params"].items():
-            assert torch.equal(value, again[rank]["params"][name]), f"G.{name} not reproduced bit for bit"
+            assert torch.equal(value, again[rank]["params"][name]), (
+                f"G.{name} not reproduced bit for bit"
+            )
 
 
 def _g_phase_touches_nothing_of_d(rank, world):
@@ -148,10 +177,13 @@ def _g_phase_touches_nothing_of_d(rank, world):
     for p in state.D.parameters():
         p.grad = None
     g_phase(state, acc, cfg.train, fake, 0)
-    return {"d_phase_calls": d_phase_calls, "g_phase_calls": calls["D"] - d_phase_calls,
-            "d_grads": [p.grad for p in state.D.parameters()],
-            "d_requires_grad": all(p.requires_grad for p in state.D.parameters()),
-            "g_grads": all(p.grad is not None for p in state.G.parameters())}
+    return {
+        "d_phase_calls": d_phase_calls,
+        "g_phase_calls": calls["D"] - d_phase_calls,
+        "d_grads": [p.grad for p in state.D.parameters()],
+        "d_requires_grad": all(p.requires_grad for p in state.D.parameters()),
+        "g_grads": all(p.grad is not None for p in state.G.parameters()),
+    }
 
 
 def test_g_phase_gives_d_no_gradient_and_no_all_reduce(two_ranks):
