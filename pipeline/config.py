@@ -165,6 +165,8 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check ranges and choices; raise ConfigError naming the first bad key."""
+    if cfg.train.mixed_precision in ("False", "false"):  # YAML 1.1 reads a bare `no` as false
+        cfg.train.mixed_precision = "no"
     m, d, t, c, lg, s, e = (
         cfg.model,
         cfg.data,

@@ -20,30 +20,74 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable sum over ranks: the gradient of each rank's input is the sum over ranks of
-    the output gradients (every rank's loss depends on every rank's input)."""
+class _CrossReplicaBatchNorm(torch.autograd.Function):
+    """BatchNorm over the union of every rank's rows, with one all-reduce in the forward and one
+    in the backward, each of a few per-feature vectors.
+
+    Forward: each rank computes its rows' count, mean and centred sum of squares (two-pass, so
+    float32 stays accurate when |mean| >> std); one float64 all-reduce of (n_r, n_r m_r,
+    M2_r + n_r m_r^2) gives the global mean and biased variance (Chan et al.'s combination).
+    Backward: one all-reduce of (sum dy, sum dy * x_hat) gives the global terms of BatchNorm's
+    input gradient; weight and bias gradients stay local sums, as DDP expects.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+    def forward(ctx, x, weight, bias, eps: float):
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(dtype)
+        n_local = xf.shape[0]
+        c = xf.shape[1]
+        if n_local > 0:
+            local_mean = xf.mean(0)
+            centred = xf - local_mean
+            m2 = (centred * centred).sum(0)
+        else:  # a rank may hold no rows of this batch
+            local_mean = m2 = xf.new_zeros(c)
+        mean_r, m2_r = local_mean.to(torch.float64), m2.to(torch.float64)
+        stats = torch.cat(
+            [
+                mean_r.new_full((1,), float(n_local)),
+                n_local * mean_r,
+                m2_r + n_local * mean_r * mean_r,
+            ]
+        )
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        n = stats[0]
+        mean64 = stats[1 : c + 1] / n
+        var64 = (stats[c + 1 :] / n - mean64 * mean64).clamp_min(0.0)
+        invstd = torch.rsqrt(var64 + eps).to(dtype)
+        x_hat = (xf - mean64.to(dtype)) * invstd
+        y = x_hat if weight is None else x_hat * weight.to(dtype) + bias.to(dtype)
+        ctx.save_for_backward(x_hat, invstd, weight)
+        ctx.n = float(n)
+        count = stats[:1]
+        ctx.mark_non_differentiable(mean64, var64, count)
+        return y.to(x.dtype), mean64, var64, count
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+    def backward(ctx, dy, _mean_grad, _var_grad, _count_grad):
+        x_hat, invstd, weight = ctx.saved_tensors
+        dyf = dy.to(x_hat.dtype)
+        sum_dy = dyf.sum(0)
+        sum_dy_xhat = (dyf * x_hat).sum(0)
+        total = torch.cat([sum_dy, sum_dy_xhat])
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        g_dy, g_dy_xhat = total.chunk(2)
+        scale = invstd if weight is None else invstd * weight.to(x_hat.dtype)
+        dx = scale * (dyf - (g_dy + x_hat * g_dy_xhat) / ctx.n)
+        grad_weight = grad_bias = None
+        if weight is not None:
+            grad_weight, grad_bias = sum_dy_xhat.to(weight.dtype), sum_dy.to(weight.dtype)
+        return dx.to(dy.dtype), grad_weight, grad_bias, None
 
 
 class CrossReplicaBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics are those of the global batch across all ranks.
 
-    One differentiable all-reduce of (per-feature sum, per-feature sum of squares, count) per
-    call, so ranks may hold different batch sizes. Forward, backward and the running-statistics
-    update (unbiased variance, momentum) equal ``nn.BatchNorm1d`` on the concatenated batch.
-    Used on gloo/CPU, where ``nn.SyncBatchNorm`` refuses to run; on one process it is plain BN.
+    ``_CrossReplicaBatchNorm`` does one all-reduce forward and one backward, so ranks may hold
+    different batch sizes. Forward, backward and the running-statistics update (unbiased
+    variance, momentum) equal ``nn.BatchNorm1d`` on the concatenated batch. Used on gloo/CPU,
+    where ``nn.SyncBatchNorm`` refuses to run; on one process it is plain BN.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,27 +97,8 @@ class CrossReplicaBatchNorm1d(nn.BatchNorm1d):
             raise ValueError(
                 f"CrossReplicaBatchNorm1d expects (N, C) input, got shape {tuple(x.shape)}"
             )
-        # Statistics in float64 where the device has it (gloo runs on CPU): the one-pass
-        # E[x^2] - E[x]^2 cancels badly in float32 when |mean| >> std. Moments are also taken
-        # around a shift shared by all ranks (the running mean, a constant for autograd), so
-        # gradients are exactly those of BatchNorm on the global batch.
-        dtype = (
-            torch.float64 if x.device.type == "cpu" or x.dtype == torch.float64 else torch.float32
-        )
-        xf = x.to(dtype)
-        shift = (
-            self.running_mean.detach().to(dtype)
-            if self.track_running_stats
-            else xf.new_zeros(self.num_features)
-        )
-        centred = xf - shift
-        count = torch.full((1,), xf.shape[0], dtype=dtype, device=xf.device)
-        total = _AllReduceSum.apply(torch.cat([centred.sum(0), (centred * centred).sum(0), count]))
-        c = self.num_features
-        n = total[-1]
-        delta = total[:c] / n
-        mean = shift + delta
-        var = (total[c : 2 * c] / n - delta * delta).clamp_min(0.0)
+        weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+        y, mean, var, count = _CrossReplicaBatchNorm.apply(x, weight, bias, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -81,13 +106,11 @@ class CrossReplicaBatchNorm1d(nn.BatchNorm1d):
                     factor = 1.0 / float(self.num_batches_tracked)
                 else:
                     factor = self.momentum
-                unbiased = var * (n / (n - 1).clamp_min(1.0))
+                n = float(count)
+                unbiased = var * (n / max(n - 1.0, 1.0))
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight.to(dtype) + self.bias.to(dtype)
-        return y.to(x.dtype)
+        return y
 
 
 def _convert(module: nn.Module, cls: type[nn.Module]) -> nn.Module:

@@ -98,13 +98,20 @@ def make_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Accel
     return accelerator
 
 
-def _adam(params, lr: float, betas: tuple[float, ...], device: torch.device) -> torch.optim.Optimizer:
+def _adam(
+    params, lr: float, betas: tuple[float, ...], device: torch.device
+) -> torch.optim.Optimizer:
     """Fused Adam (one kernel for all parameters; measured 4-9% faster per step on a 2-core CPU
     than foreach), falling back to foreach where this build or device has no fused kernel."""
     params = list(params)
     try:
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"),
-                                foreach=None if device.type in ("cpu", "cuda") else True)
+        return torch.optim.Adam(
+            params,
+            lr=lr,
+            betas=betas,
+            fused=device.type in ("cpu", "cuda"),
+            foreach=None if device.type in ("cpu", "cuda") else True,
+        )
     except (RuntimeError, TypeError):
         return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 

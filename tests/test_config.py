@@ -135,3 +135,10 @@ def test_readme_lists_every_config_key_with_its_default():
         assert f"| `{key}` | `{json.dumps(default)}` |" in readme, (
             f"README's config table lacks {key}={default!r}"
         )
+
+
+def test_mixed_precision_no_survives_yaml_reading_it_as_false(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(preset).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
