@@ -394,6 +394,15 @@ def test_one_process_resume_gives_identical_train_metrics_history(one_process):
     assert resumed == uninterrupted
 
 
+def test_sample_grid_is_identical_across_a_resume(one_process):
+    """The grid's latents are fixed by the seed: the resumed run renders the same images at step
+    16 as the uninterrupted one (sample.every=0: grids at each run's last step only)."""
+    resumed = one_process["a"] / "samples" / "step-00000016.png"
+    uninterrupted = one_process["b"] / "samples" / "step-00000016.png"
+    assert (one_process["a"] / "samples" / "step-00000008.png").is_file()
+    assert resumed.read_bytes() == uninterrupted.read_bytes()
+
+
 def test_one_process_resume_writes_an_identical_final_checkpoint(one_process):
     for name in ("model.safetensors", "optim.safetensors", "rng.safetensors"):
         assert_bitwise_equal(
