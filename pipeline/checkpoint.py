@@ -250,21 +250,26 @@ class Checkpoint:
         return load_file(str(self.path / name), device=str(device))
 
 
-def verify(path: Path) -> Checkpoint:
-    """Read the manifest and check every file's size and sha256; CheckpointError names the file."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A checkpoint directory's manifest, without checking its files; CheckpointError names it."""
+    manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(
             f"checkpoint {path} is incomplete: {MANIFEST} is missing; "
             "point resume= at a complete step-NNNNNNNN directory"
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        return json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(
             f"checkpoint file {manifest_path} is corrupt ({exc}); use another checkpoint"
         ) from None
+
+
+def verify(path: Path) -> Checkpoint:
+    """Read the manifest and check every file's size and sha256; CheckpointError names the file."""
+    path = Path(path)
+    manifest = read_manifest(path)
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format {manifest.get('format')!r}, this version reads "

@@ -108,10 +108,10 @@ def generate_samples(
 ) -> torch.Tensor:
     """``n`` images from G in eval mode. Latents are drawn on the CPU, so a seed names the same
     images on every device."""
+    from pipeline.samples import generate
+
     z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
-    G = G.to(device).eval()
-    batches = [z[i : i + GENERATE_BATCH].to(device) for i in range(0, n, GENERATE_BATCH)]
-    return torch.cat([G(batch).float().cpu() for batch in batches])
+    return generate(G.to(device), z.to(device), chunk=GENERATE_BATCH).cpu()
 
 
 def sample_checkpoint(

@@ -21,15 +21,20 @@ def fixed_latents(
 
 
 @torch.no_grad()
-def render(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """G(z) in eval mode (running BN statistics, no dropout) as (N, 1, 28, 28) in [0, 1]."""
+def generate(G: nn.Module, z: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """G(z) in eval mode (running BN statistics, no dropout), float32, in chunks of ``chunk``
+    latents; G's training mode is restored afterwards."""
     was_training = G.training
     G.eval()
     try:
-        images = G(z).float()
+        return torch.cat([G(part).float() for part in z.split(chunk)])
     finally:
         G.train(was_training)
-    return ((images.reshape(-1, 1, 28, 28) + 1) / 2).clamp(0, 1).cpu()
+
+
+def render(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """G(z) in eval mode as (N, 1, 28, 28) in [0, 1], on the CPU."""
+    return ((generate(G, z).reshape(-1, 1, 28, 28) + 1) / 2).clamp(0, 1).cpu()
 
 
 def grid(images01: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ ranks (one all-reduce per log interval) before they are logged.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -40,7 +39,7 @@ from pipeline.distributed import (
 )
 from pipeline.ema import EMA
 from pipeline.models import build_models
-from pipeline.samples import fixed_latents, render, save_grid
+from pipeline.samples import fixed_latents, generate, render, save_grid
 from pipeline.step import (
     STAT_NAMES,
     GANState,
@@ -209,12 +208,12 @@ class Trainer:
             raise (ConfigError if kind == "ConfigError" else ckpt.CheckpointError)(msg)
         if choice[0] is None:
             return None
+        path = Path(choice[0])
+        # The main process verified every file's checksum; the others only need the manifest.
         return (
-            ckpt.verify(Path(choice[0]))
+            ckpt.verify(path)
             if acc.is_main_process
-            else ckpt.Checkpoint(
-                Path(choice[0]), json.loads((Path(choice[0]) / ckpt.MANIFEST).read_text())
-            )
+            else ckpt.Checkpoint(path, ckpt.read_manifest(path))
         )
 
     def _find_checkpoint_main(self) -> str | None:
@@ -362,10 +361,9 @@ class Trainer:
                 if _due(self.step, cfg.checkpoint.every, total) or last:
                     self._save_checkpoint()
                 if stop:
+                    # The signal may have reached another rank only.
                     name = (
-                        signal.Signals(self._stop_signal or signal.SIGTERM).name
-                        if self._stop_signal
-                        else "a signal"
+                        signal.Signals(self._stop_signal).name if self._stop_signal else "a signal"
                     )
                     logger.info(
                         f"stopped by {name} at step {self.step}; checkpoint written, "
@@ -435,13 +433,7 @@ class Trainer:
         n_local = math.ceil(cfg.eval.n_samples / self.world)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 104_729 * (self.rank + 1))
         z = torch.randn(n_local, cfg.model.latent_dim, generator=g).to(self.device)
-        G = self._generator_for_eval()
-        was_training = G.training
-        G.eval()
-        try:
-            images = torch.cat([G(chunk).float() for chunk in z.split(1024)])
-        finally:
-            G.train(was_training)
+        images = generate(self._generator_for_eval(), z)
         feats, probs = self.evaluator.features(images)
         feats = self.accelerator.gather(feats.contiguous())[: cfg.eval.n_samples]
         probs = self.accelerator.gather(probs.contiguous())[: cfg.eval.n_samples]
