@@ -21,10 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import evaluation
+from pipeline.cli.evaluate import main
 from pipeline.config import DataConfig
 from pipeline.data import ImageSet, load_dataset
-from pipeline.evaluate import main
 from pipeline.evaluation import EvalInputError, Evaluator
+from pipeline.evaluation import classifier as classifier_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST = DataConfig(name="mnist5k")
@@ -66,7 +67,7 @@ def one_class_metrics(evaluator: Evaluator, heldout: ImageSet) -> dict[str, floa
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.evaluate", *args],
+        [sys.executable, "-m", "pipeline.cli.evaluate", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -227,7 +228,7 @@ def test_second_build_loads_the_cached_classifier(
     synthetic_cache: tuple[Path, Evaluator], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _copy_cache(synthetic_cache, tmp_path)
-    monkeypatch.setattr(evaluation, "train_classifier", _no_training)
+    monkeypatch.setattr(classifier_module, "train_classifier", _no_training)
     loaded = Evaluator.for_dataset(SYNTHETIC, cache_dir=tmp_path)
     assert loaded.heldout_accuracy == synthetic_cache[1].heldout_accuracy
     _assert_same_weights(loaded, synthetic_cache[1])
@@ -266,14 +267,14 @@ def test_damaged_cache_is_rebuilt_with_a_warning(
 ) -> None:
     path = _copy_cache(synthetic_cache, tmp_path)
     damage(path)
-    with caplog.at_level(logging.WARNING, logger="pipeline.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluation.classifier"):
         rebuilt = Evaluator.for_dataset(SYNTHETIC, cache_dir=tmp_path)
     assert any("rebuilding stale cache" in r.getMessage() for r in caplog.records)
     # Training is deterministic, so the rebuilt classifier is the one first cached.
     assert rebuilt.heldout_accuracy == synthetic_cache[1].heldout_accuracy
     _assert_same_weights(rebuilt, synthetic_cache[1])
     assert _only_cache_file(tmp_path) == path  # rewritten in place, no temp files left behind
-    monkeypatch.setattr(evaluation, "train_classifier", _no_training)
+    monkeypatch.setattr(classifier_module, "train_classifier", _no_training)
     Evaluator.for_dataset(SYNTHETIC, cache_dir=tmp_path)  # the rewritten file is valid again
 
 
@@ -405,10 +406,9 @@ def test_cli_rejects_a_missing_checkpoint_in_one_line(
 def test_cli_scores_a_generator_from_a_checkpoint_export(
     synthetic_cache: tuple[Path, Evaluator], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--checkpoint takes a pipeline.export file (or a checkpoint directory): the generator is
+    """--checkpoint takes a pipeline.cli.export file (or a checkpoint directory): the generator is
     rebuilt from the stored config, sampled, and scored on the run's dataset family."""
     from pipeline.config import load_config, to_dict
-    from pipeline.evaluate import main
     from pipeline.models import Generator
 
     cfg = load_config(None, ["data.name=synthetic", "model.g_hidden=[16,32]", "model.latent_dim=8"])

@@ -1,11 +1,12 @@
 """Score generated images against the real data and print one JSON object of metrics.
 
-    python -m pipeline.evaluate --samples fakes.npy            # (N, 784) or (N, 1, 28, 28) in [-1, 1]
-    python -m pipeline.evaluate --samples fakes.safetensors    # one tensor, or one named "images"
-    python -m pipeline.evaluate --checkpoint runs/default/checkpoints/<step> --n 2000 --seed 0
+    python -m pipeline.cli.evaluate --samples fakes.npy          # (N, 784) or (N, 1, 28, 28) in [-1, 1]
+    python -m pipeline.cli.evaluate --samples fakes.safetensors  # one tensor, or one named "images"
+    python -m pipeline.cli.evaluate --checkpoint runs/default/checkpoints/<step> --n 2000 --seed 0
 
 The first run per dataset trains the evaluator's classifier (seconds) and caches it; see
-``pipeline.evaluation``. Bad input exits with status 2 and one ``error:`` line on stderr.
+``pipeline.evaluation``. Bad input exits with status 2, a checkpoint that cannot be used
+(``pipeline.checkpoint.verify``) with status 4, each with one ``error:`` line on stderr.
 """
 
 from __future__ import annotations
@@ -16,31 +17,24 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import torch
 
-from pipeline.config import DATASETS, ConfigError, DataConfig
-from pipeline.data import DataError
+from pipeline.cli import CliError, OneLineParser, first_line, parse_device, report
+from pipeline.config import DATASETS, DataConfig
+from pipeline.errors import UserError
 from pipeline.evaluation import MIN_SAMPLES, EvalInputError, Evaluator, validate_images
+from pipeline.io import draw_latents, seeded_generator
+
+log = logging.getLogger(__name__)
 
 SAMPLE_SUFFIXES = (".npy", ".safetensors")
 GENERATE_BATCH = 500
 
 
-class CliError(Exception):
-    """Bad command-line input, reported as one ``error:`` line with exit status 2."""
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # argparse prints the whole usage block; the CLI contract is one error line.
-        raise CliError(f"{message} (see python -m pipeline.evaluate --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m pipeline.cli.evaluate", description=__doc__.split("\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--samples", type=Path, help="a .npy or .safetensors array of images in [-1, 1]"
@@ -71,7 +65,7 @@ def _read_npy(path: Path) -> np.ndarray:
         # allow_pickle=False: a sample file must never be able to run code.
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise CliError(f"cannot read {path} as .npy: {_first_line(exc)}") from None
+        raise CliError(f"cannot read {path} as .npy: {first_line(exc)}") from None
 
 
 def _read_safetensors(path: Path) -> torch.Tensor:
@@ -85,7 +79,7 @@ def _read_safetensors(path: Path) -> torch.Tensor:
             if len(names) == 1:
                 return fh.get_tensor(names[0])
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise CliError(f"cannot read {path} as .safetensors: {_first_line(exc)}") from None
+        raise CliError(f"cannot read {path} as .safetensors: {first_line(exc)}") from None
     raise CliError(
         f"{path} holds tensors {names or 'none'}; expected one tensor, or one named 'images'"
     )
@@ -110,8 +104,8 @@ def generate_samples(
     images on every device."""
     from pipeline.samples import generate
 
-    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
-    return generate(G.to(device), z.to(device), chunk=GENERATE_BATCH).cpu()
+    z = draw_latents(n, latent_dim, device, seeded_generator(seed, "evaluate-latents"))
+    return generate(G.to(device), z, chunk=GENERATE_BATCH).cpu()
 
 
 def sample_checkpoint(
@@ -122,18 +116,11 @@ def sample_checkpoint(
         raise CliError(f"checkpoint {path} does not exist")
     if n < MIN_SAMPLES:
         raise CliError(f"--n {n} is too small; at least {MIN_SAMPLES} images are needed to score")
-    try:
-        from pipeline.checkpoint import load_generator  # lazily: only this mode needs it
-    except ImportError as exc:
-        raise CliError(
-            f"--checkpoint needs pipeline.checkpoint, which failed to import: {exc}"
-        ) from None
-    try:
-        G, run_cfg = load_generator(path)
-    except Exception as exc:  # the loader's own errors; reported as one line, like the rest
-        raise CliError(
-            f"cannot load checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}"
-        ) from None
+    if seed < 0:
+        raise CliError(f"--seed {seed} is negative; use a seed >= 0")
+    from pipeline.checkpoint import load_generator  # lazily: only this mode needs it
+
+    G, run_cfg = load_generator(path)  # verified; CheckpointError (status 4) names file and key
     return generate_samples(G, run_cfg.model.latent_dim, n, seed, device), run_cfg.data
 
 
@@ -142,27 +129,10 @@ def _data_config(base: DataConfig, name: str | None, root: str | None) -> DataCo
     return dataclasses.replace(base, **changes)
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise CliError(f"--device {name!r} is not a torch device: {_first_line(exc)}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(
-            f"--device {name} asked for CUDA, which this machine lacks; use --device cpu"
-        )
-    return device
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def run(argv: list[str] | None = None) -> dict[str, float]:
     """Parse, load or generate the images, score them; raises CliError/EvalInputError/DataError."""
     args = build_parser().parse_args(argv)
-    device = _device(args.device)
+    device = parse_device(args.device)
     if args.samples is not None:
         images, data_cfg = load_samples(args.samples), DataConfig()
     else:
@@ -180,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         metrics = run(argv)
-    except (CliError, EvalInputError, DataError, ConfigError) as exc:
-        print(f"error: {_first_line(exc)}", file=sys.stderr)
+    except EvalInputError as exc:
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2
+    except UserError as exc:  # usage, data: 2; checkpoint: 4
+        return report(exc)
     print(json.dumps(metrics))
     return 0
 
