@@ -1,56 +1,77 @@
 """The three things the benchmark times, each built as a zero-argument step function.
 
-trainer_step  the project's code path: ``build_gan`` (SyncBN where distributed, DDP, Adam),
-              a batch indexed from the on-device image tensor by ``ShardedBatches``, a z draw,
-              ``train_step`` (D phase + G phase with dropout, instance noise and the L2 penalty),
-              and the rest of ``Trainer.fit``'s per-step work (statistics accumulated on the
-              device; the stop-signal agreement, an all-reduce, when distributed). No logging,
-              samples or checkpoints.
+trainer_step  the project's own loop body: ``TrainLoop.step_all_ranks`` (pipeline/loop.py), the
+              one definition of a training iteration that ``Trainer.fit`` calls too, on a state
+              built by ``build_gan`` (SyncBN where distributed, DDP, Adam). Nothing of the
+              iteration is retyped here, so the bench measures the product's code.
 plain_step    the same GAN written the way a hand-written tutorial does (see ``plain_step``).
 limit_step    only the matmuls of one trainer step (``flops.trainer_step_matmuls``), as
               ``torch.mm``/``torch.addmm`` with ``out=`` on preallocated tensors.
+
+``bench_config`` is the run configuration all three are built from.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench.flops import Matmul
-from pipeline.config import RunConfig
+from bench.flops import Matmul, trainer_step_matmuls
+from pipeline.build import build_gan
+from pipeline.config import RunConfig, load_config
 from pipeline.data import ShardedBatches
-from pipeline.distributed import all_reduce_max, seed_rank_streams
-from pipeline.step import STAT_NAMES, train_step
-from pipeline.trainer import build_gan
+from pipeline.distributed import seed_rank_streams
+from pipeline.loop import TrainLoop
+from pipeline.models import linear_shapes
 
 Step = Callable[[], object]
+DATASET_SIZE = 10_240  # synthetic images; 80% (8192) train: one batch of 4096 on up to 2 ranks
+PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bench_config(
+    batch: int, precision: str = "no", compile: bool = False, threads: int = 0, width: int = 1
+) -> RunConfig:
+    """The project's defaults (dropout 0.5, instance noise, L2 penalty on) at per-process batch
+    ``batch`` and every hidden width times ``width``; no trackers, no eval, synthetic data (the
+    pixel values do not change the cost of an MLP step)."""
+    base = load_config(None)
+    g = [w * width for w in base.model.g_hidden]
+    d = [w * width for w in base.model.d_hidden]
+    overrides = [
+        f"train.batch_size={batch}",
+        "log.trackers=[none]",
+        "eval.enabled=false",
+        "data.name=synthetic",
+        f"data.synthetic_size={DATASET_SIZE}",
+        f"model.g_hidden=[{','.join(map(str, g))}]",
+        f"model.d_hidden=[{','.join(map(str, d))}]",
+        # quoted: YAML reads a bare `no` as the boolean false
+        f"train.mixed_precision='{precision}'",
+        f"train.compile={str(compile).lower()}",
+        f"train.cpu_threads={threads}",
+    ]
+    return load_config(None, overrides)
 
 
 def trainer_step(cfg: RunConfig, accelerator, images: torch.Tensor) -> tuple[Step, str]:
-    """One iteration of ``Trainer.fit`` without its logging, samples and checkpoints; and the
-    BatchNorm synchronization in use."""
+    """Collective when distributed (each call is one ``step_all_ranks``): one iteration of the
+    trainer's loop, without the logging, samples and checkpoints around it; and the BatchNorm
+    synchronization in use. Built as ``Trainer`` builds it: ``build_gan``, the rank's streams
+    seeded, ``ShardedBatches`` over the on-device ``images``."""
     state, ema, bn_sync = build_gan(cfg, accelerator)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     seed_rank_streams(cfg.seed, rank)
     batches = ShardedBatches(len(images), cfg.train.batch_size, rank, world, cfg.seed, device)
-    stats_sum = torch.zeros(len(STAT_NAMES), device=device)
-    no_stop = torch.zeros(1, device=device)
-    count = 0
+    loop = TrainLoop(cfg, accelerator, state, ema, images, batches)
+    count = itertools.count()
 
     def step() -> None:
-        nonlocal count
-        real = images[batches.next_indices()]
-        z = torch.randn(real.shape[0], cfg.model.latent_dim, device=device)
-        stats = train_step(state, accelerator, cfg.train, real, z, count)
-        count += 1
-        if ema is not None:
-            ema.update(state.G)
-        stats_sum.add_(torch.nan_to_num(stats, nan=0.0, posinf=0.0, neginf=0.0))
-        if world > 1:  # Trainer._stop_agreed: every rank learns whether any rank got a signal
-            bool(all_reduce_max(no_stop.clone()).item())
+        loop.step_all_ranks(next(count))
 
     return step, bn_sync
 
@@ -181,3 +202,18 @@ def limit_step(
             call()
 
     return step
+
+
+def limit_step_for(cfg: RunConfig, device: torch.device) -> Step:
+    """``limit_step`` for the trainer step of ``cfg``: its matmuls at its batch, in the dtype of
+    ``train.mixed_precision``, with a bias wherever the model's Linear has one."""
+    m = cfg.model
+    shapes = linear_shapes(m)
+    has_bias = {
+        "G": [not m.g_batchnorm] * len(m.g_hidden) + [True],
+        "D": [True] * (len(m.d_hidden) + 1),
+    }
+    matmuls = trainer_step_matmuls(shapes, cfg.train.batch_size)
+    return limit_step(
+        matmuls, shapes, has_bias, device, PRECISION_DTYPES[cfg.train.mixed_precision]
+    )
