@@ -8,21 +8,25 @@ key and what is allowed, before anything is built.
 from __future__ import annotations
 
 import dataclasses
+import io
+import math
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import ConfigError
 
 DATASETS = ("mnist5k", "mnist", "fashion_mnist", "synthetic")
 TRACKERS = ("wandb", "tensorboard", "none")
 PRECISIONS = ("no", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line naming the key."""
+INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -91,6 +95,13 @@ class TrainConfig:
     """Intra-op threads per process on CPU; 0 divides the cores evenly among local processes."""
     on_nonfinite: str = "stop"
     """On a NaN/Inf loss or gradient on any rank: stop (keep the last good checkpoint) or skip the update."""
+    max_overflow_skips: int = 50
+    """fp16 only: an overflow is the loss scaler's business (update skipped, scale halved); stop
+    after this many consecutive overflow steps (the scale would be 2^-50 of where it started)."""
+    collective_timeout_s: float = 300.0
+    """Seconds a rank waits in one collective before the job fails: a frozen or dead peer ends
+    the job in minutes, not gloo/NCCL's 30/10-minute defaults. Must exceed the longest wait on
+    rank 0 (a checkpoint save, the evaluator's first classifier training, a dataset download)."""
 
 
 @dataclass
@@ -163,10 +174,30 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"config error: {key}={value!r} is not allowed; {key} must be {allowed}")
 
 
+def _check_numbers(node: Any, prefix: str = "") -> None:
+    """Every float key is finite and every integer key fits in 64 bits (torch's int64)."""
+    for f in dataclasses.fields(node):
+        key, value = prefix + f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, f"{key}.")
+            continue
+        items = list(value) if isinstance(value, list) else [value]
+        shown = items if isinstance(value, list) else value
+        floats = [v for v in items if isinstance(v, float)]
+        ints = [v for v in items if isinstance(v, int) and not isinstance(v, bool)]
+        plural = isinstance(value, list)
+        finite = "finite numbers" if plural else "a finite number"
+        int64 = ("integers" if plural else "an integer") + " in [-2**63, 2**63 - 1]"
+        _require(all(math.isfinite(v) for v in floats), key, finite, shown)
+        _require(all(-INT64_MAX - 1 <= v <= INT64_MAX for v in ints), key, int64, shown)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check ranges and choices; raise ConfigError naming the first bad key."""
     if cfg.train.mixed_precision in ("False", "false"):  # YAML 1.1 reads a bare `no` as false
         cfg.train.mixed_precision = "no"
+    _require(0 <= cfg.seed <= INT64_MAX, "seed", "an integer in [0, 2**63 - 1]", cfg.seed)
+    _check_numbers(cfg)
     m, d, t, c, lg, s, e = (
         cfg.model,
         cfg.data,
@@ -246,6 +277,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         t.cpu_threads >= 0, "train.cpu_threads", ">= 0 (0 = cores / local processes)", t.cpu_threads
     )
     _require(
+        t.max_overflow_skips >= 1,
+        "train.max_overflow_skips",
+        "an integer >= 1",
+        t.max_overflow_skips,
+    )
+    _require(
+        t.collective_timeout_s >= 1.0,
+        "train.collective_timeout_s",
+        ">= 1 (seconds)",
+        t.collective_timeout_s,
+    )
+    _require(
         t.on_nonfinite in ON_NONFINITE,
         "train.on_nonfinite",
         "one of " + ", ".join(ON_NONFINITE),
@@ -263,26 +306,143 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _section(key: str) -> Any:
+    """The dataclass of the dotted section ``key`` ('' for the top level), or None."""
+    node: Any = RunConfig
+    for part in key.split(".") if key else []:
+        node = typing.get_type_hints(node).get(part)
+        if not dataclasses.is_dataclass(node):
+            return None
+    return node
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a section"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "nothing" if value is None else f"a {type(value).__name__}"
+
+
+def _example(key: str, schema: Any) -> str:
+    """``key=<default>`` for a leaf key, ``key.<first key>=<its default>`` for a section."""
+    if dataclasses.is_dataclass(schema):
+        first = dataclasses.fields(schema)[0]
+        return _example(f"{key}.{first.name}", getattr(schema(), first.name))
+    if isinstance(schema, list):
+        return f"{key}=[{','.join(str(v) for v in schema) or 'a,b'}]"
+    return f"{key}={schema}"
+
+
+def _check_shape(data: Mapping, schema: Any, source: str, prefix: str = "") -> None:
+    """Refuse a value given for a section, a scalar for a list, or keys under a leaf, naming the
+    key. OmegaConf's own errors for these name no key or are not even OmegaConf errors."""
+    hints = typing.get_type_hints(schema)
+    defaults = schema()
+    for name, value in data.items():
+        if name not in hints:
+            continue  # OmegaConf's error for an unknown key lists the allowed ones
+        key, kind = prefix + str(name), hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"config error ({source}): '{key}' is a section, not a value; "
+                    f"set its keys, e.g. {_example(key, kind)}"
+                )
+            _check_shape(value, kind, source, f"{key}.")
+        elif isinstance(value, str) and "${" in value:
+            continue  # an interpolation, checked once resolved
+        elif typing.get_origin(kind) is list:
+            items = value if isinstance(value, list) else []
+            nested = [v for v in items if isinstance(v, (Mapping, list))]
+            if not isinstance(value, list) or nested:
+                want = "a list" if not nested else "a list of single values"
+                got = _kind(value) if not nested else f"{_kind(nested[0])} inside it"
+                raise ConfigError(
+                    f"config error ({source}): '{key}' must be {want}, got {got}; "
+                    f"e.g. {_example(key, getattr(defaults, name))}"
+                )
+        elif isinstance(value, (Mapping, list)):
+            raise ConfigError(
+                f"config error ({source}): '{key}' takes a single value, not {_kind(value)}; "
+                f"e.g. {_example(key, getattr(defaults, name))}"
+            )
+
+
 def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     """Turn an OmegaConf error into one line that names the key and the fix."""
     key = getattr(exc, "full_key", None) or ""
     msg = str(exc).splitlines()[0]
     if type(exc).__name__ == "ConfigKeyError" or "not in" in msg:
-        parent_key, _, leaf = key.rpartition(".")
-        node: Any = RunConfig
-        for part in parent_key.split(".") if parent_key else []:
-            sub = {f.name: f for f in dataclasses.fields(node)}.get(part)
-            node = sub.default_factory if sub and sub.default_factory is not MISSING else None  # type: ignore[misc]
-            if not dataclasses.is_dataclass(node):
-                break
-        allowed = (
-            _allowed_keys(node) if dataclasses.is_dataclass(node) else _allowed_keys(RunConfig)
-        )
-        where = parent_key or "the top level"
+        parent_key = key.rpartition(".")[0]
+        node = _section(parent_key)
+        allowed = _allowed_keys(node or RunConfig)
+        where = (parent_key if node else "") or "the top level"
         return ConfigError(
             f"config error ({source}): unknown key '{key}'; keys allowed in {where}: {allowed}"
         )
-    return ConfigError(f"config error ({source}): bad value for '{key}': {msg}")
+    where = f" for '{key}'" if key else ""
+    return ConfigError(f"config error ({source}): bad value{where}: {msg}")
+
+
+_YAML_KINDS = {"int": "a number", "float": "a number", "bool": "a boolean", "str": "a string"}
+
+
+def _read_preset(path: Path) -> Any:
+    """The YAML mapping in ``path`` (empty for an empty file), or ConfigError naming the file."""
+    if path.is_dir():
+        raise ConfigError(
+            f"config error: preset {path} is a directory; pass a YAML file (see configs/)"
+        )
+    if not path.is_file():
+        raise ConfigError(
+            f"config error: preset file {path} does not exist; pass an existing YAML file (see configs/)"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config error: {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
+    try:
+        # The top-level node says mapping, list or scalar without building anything.
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        is_empty = root is None or root.tag == "tag:yaml.org,2002:null"
+        if not is_empty and not isinstance(root, yaml.MappingNode):
+            got = _YAML_KINDS.get(root.tag.rpartition(":")[2], "a scalar")
+            if isinstance(root, yaml.SequenceNode):
+                got = "a list"
+            raise ConfigError(
+                f"config error: {path} must be a mapping of keys to values, got {got}"
+            )
+        return OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+        problem = " ".join(filter(None, parts)) or str(exc)
+        raise ConfigError(
+            f"config error: {path} is not valid YAML: {' '.join(problem.split())}{where}"
+        ) from None
+
+
+def _merge(base: Any, data: Any, source: str) -> Any:
+    """``base`` updated with the user's ``data`` (a DictConfig or a plain mapping)."""
+    plain = OmegaConf.to_container(data, resolve=False) if OmegaConf.is_config(data) else data
+    _check_shape(plain, RunConfig, source)
+    try:
+        return OmegaConf.merge(base, data)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source) from None
 
 
 def load_config(
@@ -291,30 +451,19 @@ def load_config(
     """Defaults, then the YAML preset at ``path``, then dotted ``key=value`` overrides."""
     merged = OmegaConf.structured(RunConfig)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config error: preset file {path} does not exist; pass an existing YAML file (see configs/)"
-            )
-        try:
-            preset = OmegaConf.load(path)
-        except Exception as exc:  # yaml.YAMLError, among others
-            raise ConfigError(
-                f"config error: {path} is not valid YAML: {str(exc).splitlines()[0]}"
-            ) from None
-        try:
-            merged = OmegaConf.merge(merged, preset)
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, str(path)) from None
+        merged = _merge(merged, _read_preset(Path(path)), str(path))
     for item in overrides:
-        if "=" not in item or item.startswith("="):
+        key = item.partition("=")[0]
+        if "=" not in item or "" in key.split("."):
             raise ConfigError(
-                f"config error: override '{item}' is not of the form key=value (e.g. train.steps=100)"
+                f"config error: override '{item}' is not of the form key=value with a dotted key "
+                "(e.g. train.steps=100)"
             )
     try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        dotlist = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:
         raise _explain(exc, "command line") from None
+    merged = _merge(merged, dotlist, "command line")
     try:
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
@@ -332,8 +481,12 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from a plain dict (e.g. a checkpoint manifest), validating it."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"config error: a stored config must be a mapping of keys to values, got {_kind(data)}"
+        )
+    merged = _merge(OmegaConf.structured(RunConfig), data, "stored config")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
         return validate(OmegaConf.to_object(merged))  # type: ignore[arg-type]
     except OmegaConfBaseException as exc:
         raise _explain(exc, "stored config") from None
