@@ -16,12 +16,10 @@ import numpy as np
 import torch
 
 from pipeline.config import DataConfig
+from pipeline.errors import DataError
+from pipeline.io import seeded_generator
 
 _SPLIT_SEED = 20240601  # fixed: the train/held-out split of mnist5k and synthetic never changes
-
-
-class DataError(RuntimeError):
-    """A dataset that cannot be loaded; the message says where and how to fix it."""
 
 
 @dataclass
@@ -45,11 +43,6 @@ class ImageSet:
         return h.hexdigest()
 
 
-def family(name: str) -> str:
-    """The evaluator's dataset family: mnist5k is MNIST."""
-    return {"mnist5k": "mnist", "mnist": "mnist", "fashion_mnist": "fashion_mnist"}.get(name, name)
-
-
 def _to_unit_range(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     if torch.is_tensor(pixels):
         x = pixels.to(torch.float32).reshape(len(pixels), -1)
@@ -59,7 +52,7 @@ def _to_unit_range(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def _split(images: torch.Tensor, labels: torch.Tensor, split: str, eval_fraction: float):
-    g = torch.Generator().manual_seed(_SPLIT_SEED)
+    g = seeded_generator(_SPLIT_SEED, "heldout-split")
     perm = torch.randperm(len(images), generator=g)
     n_eval = int(round(len(images) * eval_fraction))
     idx = perm[n_eval:] if split == "train" else perm[:n_eval]
@@ -117,7 +110,7 @@ def _torchvision(cfg: DataConfig, split: str) -> ImageSet:
 
 def synthetic_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A tiny labelled set: 10 classes, each a smooth random prototype plus small pixel noise."""
-    g = torch.Generator().manual_seed(seed)
+    g = seeded_generator(seed, "synthetic-images")
     coarse = torch.rand(10, 1, 7, 7, generator=g)
     prototypes = torch.nn.functional.interpolate(
         coarse, size=(28, 28), mode="bilinear", align_corners=False
@@ -186,7 +179,7 @@ class ShardedBatches:
         self._shard: torch.Tensor | None = None
 
     def _make_shard(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = seeded_generator(self.seed, "data-order", self.epoch)
         perm = torch.randperm(self.num_items, generator=g)
         return perm[self.rank :: self.world_size][: self.per_rank].to(self.device)
 

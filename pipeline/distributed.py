@@ -7,17 +7,139 @@ Model code never imports this module; ``sync_batchnorm`` converts a plain model 
 
 from __future__ import annotations
 
+import json
 import os
 import random
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.errors import USER_ERRORS, UserError, disk_error, is_disk_error
+from pipeline.io import derive_seed
+
+T = TypeVar("T")
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_rank() -> bool:
+    """Global rank 0 (or the only process)."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def _comm_device() -> torch.device:
+    """Where the process group's tensors must live: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# Objects cross ranks as JSON bytes in a uint8 tensor: Accelerate's broadcast_object_list and
+# gather_object pickle, and nothing this project reads is ever unpickled, on disk or on the wire.
+
+
+def broadcast_json_all_ranks(obj: Any) -> Any:
+    """Collective: every rank returns rank 0's ``obj`` (JSON-able); other ranks' ``obj`` is ignored."""
+    if not is_distributed():
+        return obj
+    device = _comm_device()
+    payload = json.dumps(obj).encode() if dist.get_rank() == 0 else b""
+    length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(length, src=0)
+    buffer = torch.zeros(int(length.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buffer, src=0)
+    return json.loads(bytes(buffer.cpu().numpy().tobytes()).decode())
+
+
+def broadcast_module_all_ranks(module: nn.Module) -> None:
+    """Collective: rank 0's parameters and buffers, copied into ``module`` on every rank."""
+    if not is_distributed():
+        return
+    device = _comm_device()
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            buffer = tensor.detach().to(device).contiguous()
+            dist.broadcast(buffer, src=0)
+            tensor.copy_(buffer)
+
+
+def gather_bytes_all_ranks(blob: bytes) -> list[bytes]:
+    """Collective: every rank's ``blob``, in rank order, on every rank (two all-gathers)."""
+    if not is_distributed():
+        return [blob]
+    device, world = _comm_device(), dist.get_world_size()
+    length = torch.tensor([len(blob)], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    sizes = [int(n.item()) for n in lengths]
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    if blob:
+        padded[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return [bytes(t[:n].cpu().numpy().tobytes()) for t, n in zip(gathered, sizes)]
+
+
+def local_main_first_all_ranks(work: Callable[[], T]) -> T:
+    """Collective: the first process of each node runs ``work`` (a dataset download, say), then
+    the node's other processes run it (reading what it left). A failure on the local main is
+    raised there only after the barrier, so no rank waits for a process that is gone."""
+    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    result: T | None = None
+    error: BaseException | None = None
+    if local_main:
+        try:
+            result = work()
+        except Exception as exc:
+            error = exc
+    if is_distributed():
+        dist.barrier()
+    if not local_main:
+        return work()
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
+
+
+def run_on_main_all_ranks(work: Callable[[], T], share_result: bool = False) -> T | None:
+    """Collective: rank 0 runs ``work``; its success or failure reaches every rank, and on a
+    failure every rank raises (a user error as its own type, anything else as RuntimeError).
+
+    Returns ``work()``'s result on rank 0, and elsewhere None, or with ``share_result`` the same
+    (JSON-able) result. This is how main-only work (files, trackers, choosing a checkpoint)
+    fails without leaving the other ranks waiting in a collective.
+    """
+    result: T | None = None
+    failure: dict[str, str] | None = None
+    original: BaseException | None = None
+    if is_main_rank():
+        try:
+            result = work()
+        except Exception as exc:
+            # A full disk, a quota, a read-only or forbidden output_dir: the user's (status 4).
+            original = (
+                disk_error(exc, exc.filename or "a file of the run") if is_disk_error(exc) else exc
+            )
+            kind = type(original).__name__ if isinstance(original, UserError) else "RuntimeError"
+            failure = {"type": kind, "message": str(original) or type(original).__name__}
+    outcome = broadcast_json_all_ranks(
+        {"failure": failure, "result": result if share_result and failure is None else None}
+    )
+    if original is not None:
+        raise original
+    if outcome["failure"] is not None:
+        failure = outcome["failure"]
+        cls = USER_ERRORS.get(failure["type"], RuntimeError)
+        raise cls(f"on rank 0: {failure['message']}" if cls is RuntimeError else failure["message"])
+    return outcome["result"] if share_result else result
 
 
 class _CrossReplicaBatchNorm(torch.autograd.Function):
@@ -155,17 +277,15 @@ def sync_batchnorm(
     return _convert(model, CrossReplicaBatchNorm1d), "CrossReplicaBatchNorm1d"
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """A 63-bit seed for (seed, rank) that never collides with another rank's or another seed's
-    (unlike ``seed * world + rank``, which collides across world sizes)."""
-    return int(
-        np.random.SeedSequence([seed, rank]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1)
-    )
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank ``rank``'s own streams, re-derivable at any ``step`` (a resume on another
+    world size); ``io.derive_seed`` makes it collide with no other seed, rank or purpose."""
+    return derive_seed(seed, "rank-streams", step, rank)
 
 
-def seed_rank_streams(seed: int, rank: int) -> int:
+def seed_rank_streams(seed: int, rank: int, step: int = 0) -> int:
     """Give this rank its own torch (CPU and CUDA), Python and NumPy streams; returns the seed."""
-    s = rank_seed(seed, rank)
+    s = rank_seed(seed, rank, step)
     torch.manual_seed(s)
     random.seed(s)
     np.random.seed(s % 2**32)

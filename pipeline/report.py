@@ -8,9 +8,10 @@ half-written PNG or JSON even if the run is killed mid-write.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from pipeline.io import atomic_write, atomic_write_text
 
 # (title, y label, metric names) per panel; a panel with no data is left out.
 CURVE_PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -51,18 +52,6 @@ def _series(rows: list[dict], name: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [float(v) for _, v in points]
 
 
-def _replace_atomically(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, then move the temp file over ``path`` in one step."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_curves(metrics_jsonl: Path, out_png: Path) -> None:
     """Plot losses, D outputs and FID against the global step into ``out_png``."""
     import matplotlib
@@ -94,7 +83,7 @@ def write_curves(metrics_jsonl: Path, out_png: Path) -> None:
             ax.legend(loc="best", fontsize="small")
         axes[-1, 0].set_xlabel("global step")
         fig.tight_layout()
-        _replace_atomically(Path(out_png), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
 
@@ -108,4 +97,4 @@ def _to_json(value: Any) -> Any:
 def write_summary(path: Path, summary: dict) -> None:
     """Write ``summary`` as indented JSON, atomically."""
     text = json.dumps(summary, indent=2, default=_to_json) + "\n"
-    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)

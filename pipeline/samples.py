@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-SAMPLE_SEED_OFFSET = 7919  # the grid's latents never share a stream with training
+from pipeline.io import atomic_write, draw_latents, seeded_generator
 
 
 def fixed_latents(
     seed: int, n: int, latent_dim: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Latents drawn from their own generator, so they depend on (seed, n) only."""
-    g = torch.Generator().manual_seed(seed + SAMPLE_SEED_OFFSET)
-    return torch.randn(n, latent_dim, generator=g).to(device)
+    """Latents drawn from their own stream, so they depend on (seed, n) only."""
+    return draw_latents(n, latent_dim, device, seeded_generator(seed, "sample-grid"))
 
 
 @torch.no_grad()
@@ -48,9 +46,6 @@ def save_grid(images01: torch.Tensor, path: Path) -> np.ndarray:
     """Write the grid as PNG atomically; returns it as an HxWx3 uint8 array for the trackers."""
     from torchvision.utils import save_image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     g = grid(images01)
-    save_image(g, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_image(g, str(tmp), format="png"))
     return g.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()

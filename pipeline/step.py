@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.distributed import all_reduce_max
+from pipeline.errors import NonFiniteError
 
 # Per-step statistics accumulated on the device (no host sync) and reduced at log intervals.
 STAT_NAMES = (
@@ -35,10 +36,6 @@ STAT_NAMES = (
 )
 
 
-class NonFiniteError(RuntimeError):
-    """A NaN or Inf loss or gradient, seen identically on every rank."""
-
-
 @dataclass
 class GANState:
     """The prepared (possibly DDP-wrapped) networks and their optimizers."""
@@ -49,6 +46,10 @@ class GANState:
     opt_D: torch.optim.Optimizer
     d_penalty_params: list[nn.Parameter]
     """D's parameters under the L2 penalty (weights, and biases when configured)."""
+    scaler: torch.amp.GradScaler | None = None
+    """The fp16 loss scaler shared by both optimizers (None without fp16)."""
+    overflow_streak: int = 0
+    """Consecutive steps with an fp16 overflow skip."""
 
 
 def instance_noise_std(cfg: TrainConfig, step: int) -> float:
@@ -78,12 +79,13 @@ def _grad_norm(params) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-def _finite_everywhere(*values: torch.Tensor) -> bool:
-    """True when every value is finite on every rank: one tiny all-reduce, the step's only sync."""
-    bad = (
-        torch.stack([(~torch.isfinite(v)).any() for v in values]).any().to(torch.float32).reshape(1)
-    )
-    return not bool(all_reduce_max(bad).item())
+def _nonfinite_flags_everywhere(*groups: list[torch.Tensor]) -> list[bool]:
+    """For each group of values: whether any value is non-finite on any rank. One tiny
+    all-reduce of one flag per group, the phase's only host sync."""
+    flags = torch.stack(
+        [torch.stack([(~torch.isfinite(v)).any() for v in group]).any() for group in groups]
+    ).to(torch.float32)
+    return [bool(f) for f in all_reduce_max(flags).tolist()]
 
 
 @contextlib.contextmanager
@@ -98,22 +100,62 @@ def frozen(module: nn.Module):
             p.requires_grad_(flag)
 
 
+def _backward(s: GANState, accelerator, loss: torch.Tensor, opt) -> None:
+    """Backward; with a loss scaler, of the scaled loss, then the gradients are unscaled in place
+    so the grad-norm metric, the checks and any clipping see true values."""
+    if s.scaler is None:
+        accelerator.backward(loss)
+        return
+    s.scaler.scale(loss).backward()
+    s.scaler.unscale_(_inner(opt))
+
+
+def _inner(opt) -> torch.optim.Optimizer:
+    """The torch optimizer under Accelerate's wrapper (its step would also step the scaler)."""
+    return getattr(opt, "optimizer", opt)
+
+
 def _apply_or_skip(
-    opt: torch.optim.Optimizer,
+    s: GANState,
+    opt,
     loss: torch.Tensor,
     grad_norm: torch.Tensor,
-    on_nonfinite: str,
+    cfg: TrainConfig,
     phase: str,
     step: int,
+    extra_checks: tuple[torch.Tensor, ...] = (),
 ) -> bool:
-    """Step the optimizer unless some rank saw a non-finite value; returns True when skipped."""
-    if _finite_everywhere(loss, grad_norm):
-        opt.step()
+    """Step the optimizer unless some rank saw a non-finite value; returns True when skipped.
+
+    A non-finite loss (or ``extra_checks``, G's BatchNorm statistics) is the run's problem:
+    ``on_nonfinite`` decides. With a loss scaler, non-finite gradients under a finite loss are
+    an fp16 overflow, the scaler's business: it skips the update and halves the scale; only
+    ``max_overflow_skips`` such steps in a row stop the run.
+    """
+    loss_bad, grad_bad, stats_bad = _nonfinite_flags_everywhere(
+        [loss], [grad_norm], list(extra_checks) or [loss.new_zeros(())]
+    )
+    loss_bad = loss_bad or stats_bad
+    if not (loss_bad or grad_bad):
+        if s.scaler is not None:
+            s.scaler.step(_inner(opt))
+        else:
+            opt.step()
         return False
     opt.zero_grad(set_to_none=True)
-    if on_nonfinite == "stop":
+    if s.scaler is not None and not loss_bad:
+        s.overflow_streak += 1
+        if s.overflow_streak > cfg.max_overflow_skips:
+            raise NonFiniteError(
+                f"{s.overflow_streak} fp16 overflows in a row at step {step} (loss scale "
+                f"{s.scaler.get_scale():.3g}); lower the learning rates, or use "
+                "train.mixed_precision=bf16"
+            )
+        return True
+    if cfg.on_nonfinite == "stop":
+        what = f"{phase} loss or gradient" if not stats_bad else "G BatchNorm running statistics"
         raise NonFiniteError(
-            f"non-finite {phase} loss or gradient at step {step} (seen on at least one rank); "
+            f"non-finite {what} at step {step} (seen on at least one rank); "
             "lower the learning rates, or set train.on_nonfinite=skip to skip such updates"
         )
     return True
@@ -140,9 +182,12 @@ def d_phase(
     )
     total = loss + penalty
     s.opt_D.zero_grad(set_to_none=True)
-    accelerator.backward(total)
+    _backward(s, accelerator, total, s.opt_D)
     grad_norm = _grad_norm(s.D.parameters())
-    skipped = _apply_or_skip(s.opt_D, total, grad_norm, cfg.on_nonfinite, "D", step)
+    # G's forward above moved its BatchNorm running statistics: check them with this phase.
+    skipped = _apply_or_skip(
+        s, s.opt_D, total, grad_norm, cfg, "D", step, extra_checks=tuple(s.G.buffers())
+    )
     stats = {
         "d_loss": total.detach(),
         "d_real": torch.sigmoid(d_real.detach()).mean(),
@@ -167,9 +212,9 @@ def g_phase(
         logits = s.D(_add_noise(fake, std)).float()
     loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
     s.opt_G.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
+    _backward(s, accelerator, loss, s.opt_G)
     grad_norm = _grad_norm(s.G.parameters())
-    skipped = _apply_or_skip(s.opt_G, loss, grad_norm, cfg.on_nonfinite, "G", step)
+    skipped = _apply_or_skip(s, s.opt_G, loss, grad_norm, cfg, "G", step)
     return {
         "g_loss": loss.detach(),
         "g_grad_norm": grad_norm,
@@ -186,6 +231,10 @@ def train_step(
     saved = [b.detach().clone() for b in s.G.buffers()] if cfg.on_nonfinite == "skip" else None
     fake, d_stats = d_phase(s, accelerator, cfg, real, z, step)
     g_stats = g_phase(s, accelerator, cfg, fake, step)
+    if s.scaler is not None:
+        s.scaler.update()  # once per step, after both optimizers (PyTorch's AMP recipe)
+        if not bool(d_stats["d_skipped"] + g_stats["g_skipped"]):
+            s.overflow_streak = 0
     if saved is not None and bool(d_stats["d_skipped"] + g_stats["g_skipped"]):
         with torch.no_grad():
             for buf, old in zip(s.G.buffers(), saved):

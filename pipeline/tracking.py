@@ -3,9 +3,9 @@
 The trainer builds the Accelerator with the trackers chosen here, then creates a
 :class:`Tracking` on every rank; only the main process logs or writes anything::
 
-    log_with, _ = tracker_setup(cfg, run_id)
+    log_with, init_kwargs = tracker_setup(cfg, run_id)
     accelerator = Accelerator(log_with=log_with, project_dir=cfg.output_dir)
-    tracking = Tracking(accelerator, cfg, run_id)   # run_id: None, or the one in the checkpoint
+    tracking = Tracking(accelerator, cfg, run_id, init_kwargs)  # on the main process
     tracking.truncate_after(resume_step)            # on resume: drop rows the checkpoint never saw
     tracking.log({"train/d_loss": 0.7}, step=100)
     tracking.finish()
@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from pipeline.config import RunConfig, to_dict
+from pipeline.errors import ConfigError
+from pipeline.io import atomic_write_text
 from pipeline.report import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -73,15 +75,16 @@ def wandb_api_key_available() -> bool:
 
 def wandb_mode() -> str:
     """The wandb mode to run in: WANDB_DISABLED / WANDB_MODE when set, else online only if an
-    API key is available without prompting, else offline. Reads no network, never prompts."""
+    API key is available without prompting, else offline. Reads no network, never prompts.
+    An unknown WANDB_MODE is a ConfigError (exit status 2), on every rank alike."""
     if _truthy(os.environ.get("WANDB_DISABLED", "")):
         return "disabled"
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if mode:
         mode = _MODE_ALIASES.get(mode, mode)
         if mode not in WANDB_MODES:
-            raise ValueError(
-                f"WANDB_MODE={os.environ['WANDB_MODE']!r} is not a wandb mode; "
+            raise ConfigError(
+                f"config error: WANDB_MODE={os.environ['WANDB_MODE']!r} is not a wandb mode; "
                 f"set it to one of {', '.join(WANDB_MODES)} or unset it"
             )
         return mode
@@ -167,13 +170,20 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 class Tracking:
-    """Logs metrics and images on the main process; a no-op on every other rank.
+    """Logs metrics and images; made on the main process after the Accelerator (the trainer
+    agrees on ``run_id`` across ranks first). Never communicates; on another rank it is a no-op.
 
-    Create on every rank after the Accelerator. With several processes and no ``run_id``, the
-    constructor broadcasts the main process's new id, so ``run_id`` agrees on all ranks.
+    ``init_kwargs`` are ``tracker_setup``'s, so the wandb settings are built once; the run id in
+    them is replaced by ``run_id`` (a resumed run continues the checkpoint's wandb run).
     """
 
-    def __init__(self, accelerator: Any, cfg: RunConfig, run_id: str | None) -> None:
+    def __init__(
+        self,
+        accelerator: Any,
+        cfg: RunConfig,
+        run_id: str | None,
+        init_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.accelerator = accelerator
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
@@ -182,12 +192,8 @@ class Tracking:
         self.wandb_mode: str | None = None
         self._finished = False
 
-        resolved = [run_id or new_run_id()]
-        if run_id is None and accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(resolved, from_process=0)
-        self._run_id: str = resolved[0]
+        self._run_id: str = run_id or new_run_id()
+        self._init_kwargs = init_kwargs
 
         if not self.is_main:
             return
@@ -211,9 +217,12 @@ class Tracking:
         if "tensorboard" in names:
             # Accelerate writes to <logging_dir>/<project>; keep it beside wandb/ in output_dir.
             acc.project_configuration.logging_dir = str(self.output_dir / TENSORBOARD_DIR)
-        init_kwargs: dict[str, Any] = {}
+        if self._init_kwargs is None:
+            _, self._init_kwargs = tracker_setup(cfg, self._run_id)
+        init_kwargs = {name: dict(kwargs) for name, kwargs in self._init_kwargs.items()}
         if "wandb" in names:
-            self.wandb_mode = wandb_mode()
+            init_kwargs["wandb"]["id"] = self._run_id
+            self.wandb_mode = init_kwargs["wandb"]["mode"]
             if self.wandb_mode == "online" and not wandb_api_key_available():
                 warnings.warn(
                     "WANDB_MODE=online but no wandb API key (WANDB_API_KEY or netrc); "
@@ -221,7 +230,7 @@ class Tracking:
                     stacklevel=3,
                 )
                 self.wandb_mode = "offline"
-            init_kwargs["wandb"] = _wandb_init_kwargs(cfg, self._run_id, self.wandb_mode)
+                init_kwargs["wandb"] = _wandb_init_kwargs(cfg, self._run_id, self.wandb_mode)
         try:
             acc.init_trackers(cfg.log.project, config=None, init_kwargs=init_kwargs)
         except Exception as exc:
@@ -322,22 +331,26 @@ class Tracking:
                 )
                 tracker.writer.flush()
 
-    def truncate_after(self, step: int) -> int:
+    def truncate_after(self, step: int, partial_interval: bool = False) -> int:
         """Keep only metrics.jsonl rows with step <= ``step`` (atomic rewrite); return how many
-        rows were dropped. Call on resume so steps redone after the checkpoint are not doubled."""
+        rows were dropped. Call on resume so steps redone after the checkpoint are not doubled.
+
+        With ``partial_interval`` (the checkpoint carried a log interval in progress) the
+        training row at ``step`` goes too: it covered part of an interval this run completes,
+        and an uninterrupted run has no such row. Evaluation rows at ``step`` stay."""
         if not self.is_main or not self.metrics_path.exists():
             return 0
         rows = read_metrics(self.metrics_path)
-        kept = [row for row in rows if row["step"] <= step]
-        tmp = self.metrics_path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row) + "\n" for row in kept)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.metrics_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        kept = [
+            row
+            for row in rows
+            if row["step"] < step
+            or (
+                row["step"] == step
+                and not (partial_interval and any(k.startswith("train/") for k in row))
+            )
+        ]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
         return len(rows) - len(kept)
 
     def finish(self) -> None:

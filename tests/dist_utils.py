@@ -19,7 +19,6 @@ import io
 import os
 import queue as queue_module
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from accelerate.utils.other import get_free_port
 
 MASTER_ADDR = "127.0.0.1"
 
@@ -46,13 +46,6 @@ class RankError(Exception):
         super().__init__(message)
         self.rank = rank
         self.child_traceback = child_traceback
-
-
-def free_port(host: str = MASTER_ADDR) -> int:
-    """A TCP port that nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def torchrun_env(
@@ -123,7 +116,7 @@ def run_on_ranks(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    port = free_port()
+    port = get_free_port()
     payload = _dumps((fn, args))
     ctx = mp.get_context("spawn")
     results_queue = ctx.Queue()

@@ -35,16 +35,19 @@ from safetensors.torch import load_file
 
 import pipeline.step
 from pipeline import checkpoint as ckpt
-from pipeline import export as export_cli
-from pipeline import sample as sample_cli
 from pipeline import train as train_cli
 from pipeline.checkpoint import CheckpointError
+from pipeline.checkpoint.manager import CheckpointManager
+from pipeline.cli import export as export_cli
+from pipeline.cli import sample as sample_cli
 from pipeline.config import ConfigError, load_config
+from pipeline.loop import TrainLoop
 from pipeline.report import read_metrics
 from pipeline.trainer import Trainer
 from tests.dist_utils import run_on_ranks
 
 REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "tests" / "scripts"  # run in processes of their own
 TINY = [
     "data.name=synthetic",
     "model.g_hidden=[32,64]",
@@ -59,6 +62,7 @@ TINY = [
     "train.cpu_threads=1",  # a 2-thread pool on tiny matrices only waits for busy cores
 ]
 EMA_ON = "model.ema_decay=0.9"
+SIGNAL_STEP = 5  # a SIGTERM reaches rank 1 alone during this step (0-based)
 NAN_STEP = 5  # the planted NaN hits the D phase of this step (0-based), logged in the row of step 6
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SUBPROCESS_TIMEOUT_S = 180
@@ -202,48 +206,6 @@ def subprocess_env() -> dict[str, str]:
 # importing torch. So the module starts them together, before its first test, and they run while
 # the in-process tests do; each test waits for its own run (only the runs of selected tests start).
 
-KILL_IN_SECOND_SAVE = """\
-import os, signal, sys
-from pipeline import checkpoint
-from pipeline.train import main
-
-write_file = checkpoint._write_file
-save_dirs = []
-
-
-def write_then_die_in_second_save(directory, name, tensors):
-    write_file(directory, name, tensors)
-    if directory not in save_dirs:
-        save_dirs.append(directory)
-    if len(save_dirs) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)  # the first file of the second checkpoint is on disk
-
-
-checkpoint._write_file = write_then_die_in_second_save
-sys.exit(main(sys.argv[1:]))
-"""
-
-KILL_AFTER_FIRST_SAVE_ONCE = """\
-import os, signal, sys
-from pathlib import Path
-from pipeline.train import main
-from pipeline.trainer import Trainer
-
-marker = Path(sys.argv[1])
-save_checkpoint = Trainer._save_checkpoint
-
-
-def save_then_die_once(self):
-    save_checkpoint(self)
-    if not marker.exists():
-        marker.write_text(str(self.step))
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-Trainer._save_checkpoint = save_then_die_once
-sys.exit(main(sys.argv[2:]))
-"""
-
 
 class BackgroundRun:
     """A command in its own session (a timeout kills its whole process tree), output in files."""
@@ -286,15 +248,13 @@ def sigterm_after_two_log_rows(run: BackgroundRun) -> None:
 
 
 def background_commands(root: Path) -> dict[str, tuple[list[str], Path]]:
-    (root / "kill_in_second_save.py").write_text(KILL_IN_SECOND_SAVE)
-    (root / "kill_after_first_save_once.py").write_text(KILL_AFTER_FIRST_SAVE_ONCE)
     python = sys.executable
     return {
         # Checkpoints at 4, 8 (killed after its first file), 12.
         "killed_mid_save": (
             [
                 python,
-                str(root / "kill_in_second_save.py"),
+                str(SCRIPTS / "kill_in_second_save.py"),
                 *overrides(root / "killed_mid_save", "train.steps=12"),
             ],
             root / "killed_mid_save",
@@ -320,7 +280,7 @@ def background_commands(root: Path) -> dict[str, tuple[list[str], Path]]:
                 "1",
                 "--monitor-interval",
                 "0.1",
-                str(root / "kill_after_first_save_once.py"),
+                str(SCRIPTS / "kill_after_first_save_once.py"),
                 str(root / "killed-at-step"),
                 *overrides(root / "torchrun_restart", "train.steps=8"),
             ],
@@ -422,16 +382,30 @@ def _rank_run(run_dir: Path, *extra: str) -> dict:
     trainer = Trainer(load_config(None, overrides(run_dir, *extra)))
     summary = trainer.fit()
     state = final_state(trainer)
-    trainer.tracking.finish()
+    if trainer.tracking is not None:  # rank 0
+        trainer.tracking.finish()
     return {"summary": summary, "state": state, "trainer": trainer}
 
 
 def _two_process_scenarios(rank: int, world: int, root: Path) -> dict:
     """Every 2-process scenario of this file in one launch: B = 16 steps; A = 8 steps, then a
-    rebuilt Trainer resumes it to 16; a skip run with a NaN planted on rank 1 only."""
+    rebuilt Trainer resumes it to 16; a SIGTERM that reaches rank 1 only; a skip run with a NaN
+    planted on rank 1 only (last: its close() ends the process group)."""
     results = {"uninterrupted": _rank_run(root / "b", "train.steps=16")}
     _rank_run(root / "a", "train.steps=8")
     results["resumed"] = _rank_run(root / "a", "train.steps=16")
+    real_step = TrainLoop.step_all_ranks
+
+    def sigterm_on_rank_1_only(loop, step):
+        if rank == 1 and step == SIGNAL_STEP:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler fit() installed sees it
+        return real_step(loop, step)
+
+    TrainLoop.step_all_ranks = sigterm_on_rank_1_only
+    try:
+        results["one_rank_signal"] = _rank_run(root / "signal", "train.steps=100")
+    finally:
+        TrainLoop.step_all_ranks = real_step
     real_penalty = pipeline.step.l2_penalty
     if rank == 1:
         pipeline.step.l2_penalty = NaNPenaltyAt(NAN_STEP)
@@ -504,6 +478,16 @@ def test_resume_on_another_world_size_continues_step_and_data_position_and_warns
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+def test_a_stop_signal_reaching_one_rank_only_stops_every_rank_at_the_same_step(two_processes):
+    ranks, root = two_processes["ranks"], two_processes["root"]
+    for result in ranks:
+        summary = result["one_rank_signal"]["summary"]
+        assert summary["preempted"] is True
+        assert summary["steps"] == SIGNAL_STEP + 1  # agreed within the step it arrived in
+    assert latest(root / "signal") == ckpt.step_dir_name(SIGNAL_STEP + 1)
+    ckpt.verify(checkpoint_dir(root / "signal", SIGNAL_STEP + 1))
+
+
 def test_two_process_skip_drops_the_same_update_on_both_ranks_when_one_rank_sees_nan(two_processes):
     rank0, rank1 = (r["skip"] for r in two_processes["ranks"])
     assert_bitwise_equal(rank1["state"], rank0["state"], "rank 1 vs rank 0 after a skipped update")
@@ -563,7 +547,7 @@ def test_resume_auto_refuses_when_every_checkpoint_is_corrupt(one_process, tmp_p
         Trainer(load_config(None, overrides(run_dir, "train.steps=20", EMA_ON)))
 
 
-def test_cli_resume_from_a_corrupt_checkpoint_exits_2_with_one_error_line_naming_the_file(
+def test_cli_resume_from_a_corrupt_checkpoint_exits_4_with_one_error_line_naming_the_file(
     one_process, tmp_path, capsys
 ):
     step_dir = copy_run(checkpoint_dir(one_process["b"], 16), tmp_path / "step-00000016")
@@ -573,7 +557,7 @@ def test_cli_resume_from_a_corrupt_checkpoint_exits_2_with_one_error_line_naming
             overrides(tmp_path / "run", "train.steps=20", EMA_ON, f"resume={step_dir}")
         )
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 4  # pipeline.errors: 4 is a checkpoint that cannot be used
     assert len(error_lines(err)) == 1, err
     assert "model.safetensors" in error_lines(err)[0]
     assert "Traceback" not in err
@@ -784,10 +768,10 @@ def test_restart_before_the_first_checkpoint_starts_over_without_doubling_metric
 ):
     run_dir = tmp_path / "run"
 
-    def killed(trainer):
+    def killed(manager, *args, **kwargs):
         raise KilledAtFirstSave
 
-    monkeypatch.setattr(Trainer, "_save_checkpoint", killed)
+    monkeypatch.setattr(CheckpointManager, "save_all_ranks", killed)
     with pytest.raises(KilledAtFirstSave):
         train_in_process(run_dir, "train.steps=4")
     monkeypatch.undo()

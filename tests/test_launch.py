@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate.utils.other import get_free_port
 
-from tests.dist_utils import free_port, run_on_ranks
+from tests.dist_utils import run_on_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -50,7 +51,7 @@ def test_accelerate_launch_two_cpu_processes_trains_end_to_end(tmp_path):
         "--num_processes",
         "2",
         "--main_process_port",
-        str(free_port()),
+        str(get_free_port()),
         "pipeline/train.py",
         *TINY,
         f"output_dir={run}",
@@ -72,7 +73,7 @@ def test_accelerate_launch_two_cpu_processes_trains_end_to_end(tmp_path):
 
 def test_two_host_launch_on_loopback_trains(tmp_path):
     run = tmp_path / "run"
-    port = str(free_port())
+    port = str(get_free_port())
     common = [
         ACCELERATE,
         "launch",
@@ -127,7 +128,9 @@ def _planted_losses(rank, world, out_dir):
             0.0  # no skipped steps
         )
         trainer.step = 5
-        trainer._log_train(planted * 2, steps=2, elapsed=1.0)  # two steps' sums
+        trainer.loop.stats.add(planted)  # two steps' sums
+        trainer.loop.stats.add(planted)
+        trainer.log_train_all_ranks(elapsed=1.0)
     finally:
         trainer.close()
     return None

@@ -41,19 +41,24 @@ def _fixed_batches(world, rank):
 
 def _train_fixed(rank, world, overrides):
     """STEPS full steps (D phase + G phase) on fixed data/latents; returns G and D parameters and G's BN buffers."""
+    from pipeline.build import build_gan, make_accelerator
     from pipeline.step import train_step
-    from pipeline.trainer import build_gan, make_accelerator
 
     cfg = _cfg(overrides)
     acc = make_accelerator(cfg)
     state, _, bn_sync = build_gan(cfg, acc)
     real, z = _fixed_batches(world, rank)
+    G, D = acc.unwrap_model(state.G), acc.unwrap_model(state.D)
+    grads = {}
     for step in range(STEPS):
         train_step(state, acc, cfg.train, real[step], z[step], step)
-    G, D = acc.unwrap_model(state.G), acc.unwrap_model(state.D)
+        if step == 0:  # D's gradients of its phase, G's of its phase (D is frozen in G's)
+            for net, module in (("G", G), ("D", D)):
+                grads[net] = {n: p.grad.clone() for n, p in module.named_parameters()}
     return {
         "G": {k: v.clone() for k, v in G.state_dict().items()},
         "D": {k: v.clone() for k, v in D.state_dict().items()},
+        "grads": grads,
         "bn_sync": bn_sync,
     }
 
@@ -99,6 +104,24 @@ def test_training_step_two_ranks_half_batch_equal_one_rank_whole_batch(one_vs_tw
                 )
 
 
+def test_gradients_of_two_ranks_on_half_batches_equal_one_rank_on_the_whole_batch(one_vs_two):
+    """Adam is invariant to a constant factor on the gradients, so parameters after Adam steps
+    cannot see a wrong 1/world-size scaling; the gradients themselves can."""
+    one, two = one_vs_two
+    for net in ("G", "D"):
+        assert one["grads"][net], f"{net} has gradients after the first step"
+        for name, ref in one["grads"][net].items():
+            assert ref.abs().max() > 0, f"{net}.{name}: a zero gradient cannot show a scale error"
+            for rank in (0, 1):
+                torch.testing.assert_close(
+                    two[rank]["grads"][net][name],
+                    ref,
+                    rtol=1e-4,
+                    atol=1e-6,
+                    msg=lambda m, g=net, n=name, r=rank: f"grad {g}.{n} on rank {r}: {m}",
+                )
+
+
 def test_bn_running_statistics_after_training_equal_global_batch_statistics(one_vs_two):
     one, two = one_vs_two
     running = [k for k in one["G"] if "running_" in k or "num_batches" in k]
@@ -111,10 +134,10 @@ def test_bn_running_statistics_after_training_equal_global_batch_statistics(one_
 def _random_streams(rank, world, seed):
     """Latents, dropout masks and instance noise drawn by the trainer's own code path, plus the
     parameters after a few real training steps."""
+    from pipeline.build import build_gan, make_accelerator
     from pipeline.data import ShardedBatches, synthetic_images
     from pipeline.distributed import seed_rank_streams
     from pipeline.step import train_step
-    from pipeline.trainer import build_gan, make_accelerator
 
     cfg = _cfg([f"seed={seed}", "train.instance_noise_std=0.2"])
     acc = make_accelerator(cfg)
@@ -158,8 +181,8 @@ def test_ranks_draw_different_latents_masks_and_noise_and_runs_reproduce(two_ran
 def _g_phase_touches_nothing_of_d(rank, world):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+    from pipeline.build import build_gan, make_accelerator
     from pipeline.step import d_phase, g_phase
-    from pipeline.trainer import build_gan, make_accelerator
 
     cfg = _cfg([])
     acc = make_accelerator(cfg)

@@ -18,6 +18,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from pipeline import tracking as tracking_module
 from pipeline.config import LogConfig, RunConfig
+from pipeline.errors import ConfigError
 from pipeline.report import read_metrics, write_curves, write_summary
 from pipeline.tracking import Tracking, tracker_setup, wandb_mode
 
@@ -89,6 +90,13 @@ def test_wandb_mode_rejects_an_unknown_wandb_mode(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ValueError, match="WANDB_MODE='sometimes'.*one of online, offline"):
         wandb_mode()
+
+
+def test_an_unknown_wandb_mode_is_a_config_error_exit_status_2(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with pytest.raises(ConfigError, match=r"^config error: WANDB_MODE='bogus'") as refused:
+        wandb_mode()
+    assert refused.value.exit_status == 2
 
 
 def test_wandb_mode_is_online_with_wandb_api_key(monkeypatch):
@@ -251,6 +259,21 @@ def test_truncate_after_keeps_only_rows_up_to_the_step(tmp_path):
     assert tracking.truncate_after(3) == 2
     assert [row["step"] for row in read_metrics(tracking.metrics_path)] == [0, 1, 2, 3]
     assert [p.name for p in tracking.metrics_path.parent.iterdir()] == ["metrics.jsonl"]
+
+
+def test_truncate_after_a_partial_interval_drops_its_train_row_and_keeps_evaluation_rows(tmp_path):
+    """On resume from a checkpoint that carried a log interval in progress, the training row
+    logged at the resume step covered part of that interval; the resumed run logs it whole."""
+    tracking = start(make_cfg(tmp_path, ["none"]))
+    tracking.log({"train/d_loss": 1.0}, step=10)
+    tracking.log({"train/d_loss": 2.0}, step=12)
+    tracking.log({"eval/fid": 3.0}, step=12)
+    tracking.log({"train/d_loss": 4.0}, step=14)
+    assert tracking.truncate_after(12, partial_interval=True) == 2
+    assert read_metrics(tracking.metrics_path) == [
+        {"step": 10, "train/d_loss": 1.0},
+        {"step": 12, "eval/fid": 3.0},
+    ]
 
 
 def test_a_torn_last_row_is_cut_before_new_rows_are_appended(tmp_path):
