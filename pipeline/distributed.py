@@ -88,24 +88,47 @@ def gather_bytes_all_ranks(blob: bytes) -> list[bytes]:
     return [bytes(t[:n].cpu().numpy().tobytes()) for t, n in zip(gathered, sizes)]
 
 
-def local_main_first_all_ranks(work: Callable[[], T]) -> T:
-    """Collective: the first process of each node runs ``work`` (a dataset download, say), then
-    the node's other processes run it (reading what it left). A failure on the local main is
-    raised there only after the barrier, so no rank waits for a process that is gone."""
-    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+def agree_all_ranks(work: Callable[[], T] | None) -> T | None:
+    """Collective: every rank given a ``work`` runs it; then the ranks agree on the outcome, so a
+    failure on any rank is raised on every rank (rank by rank order: the first failure's type
+    and message). Returns this rank's result (None where it had no work)."""
     result: T | None = None
-    error: BaseException | None = None
-    if local_main:
+    failure: dict[str, str] | None = None
+    original: BaseException | None = None
+    if work is not None:
         try:
             result = work()
         except Exception as exc:
-            error = exc
-    if is_distributed():
-        dist.barrier()
-    if not local_main:
-        return work()
-    if error is not None:
-        raise error
+            original = exc
+            kind = type(exc).__name__ if isinstance(exc, UserError) else "RuntimeError"
+            failure = {"type": kind, "message": str(exc) or type(exc).__name__}
+    outcomes = [json.loads(b) for b in gather_bytes_all_ranks(json.dumps(failure).encode())]
+    failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None]
+    if original is not None:
+        raise original
+    if failed:
+        rank, first = failed[0]
+        cls = USER_ERRORS.get(first["type"], RuntimeError)
+        message = (
+            first["message"] if cls is not RuntimeError else f"on rank {rank}: {first['message']}"
+        )
+        raise cls(message)
+    return result
+
+
+def local_main_first_all_ranks(work: Callable[[], T]) -> T:
+    """Collective: ``work`` (loading a dataset that may be downloaded) runs on global rank 0
+    first, then on the first process of every other node, then everywhere else, each stage
+    agreeing on its outcome before the next: a download happens once per filesystem, and a
+    failure anywhere is raised on every rank instead of leaving a peer waiting."""
+    rank = dist.get_rank() if is_distributed() else 0
+    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    stages = (rank == 0, local_main and rank != 0, not local_main)
+    result: T | None = None
+    for in_stage in stages:
+        outcome = agree_all_ranks(work if in_stage else None)
+        if in_stage:
+            result = outcome
     return result  # type: ignore[return-value]
 
 

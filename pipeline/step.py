@@ -50,6 +50,8 @@ class GANState:
     """The fp16 loss scaler shared by both optimizers (None without fp16)."""
     overflow_streak: int = 0
     """Consecutive steps with an fp16 overflow skip."""
+    overflowed: bool = False
+    """Whether a phase of the current step overflowed."""
 
 
 def instance_noise_std(cfg: TrainConfig, step: int) -> float:
@@ -144,13 +146,7 @@ def _apply_or_skip(
         return False
     opt.zero_grad(set_to_none=True)
     if s.scaler is not None and not loss_bad:
-        s.overflow_streak += 1
-        if s.overflow_streak > cfg.max_overflow_skips:
-            raise NonFiniteError(
-                f"{s.overflow_streak} fp16 overflows in a row at step {step} (loss scale "
-                f"{s.scaler.get_scale():.3g}); lower the learning rates, or use "
-                "train.mixed_precision=bf16"
-            )
+        s.overflowed = True  # counted once per step in train_step
         return True
     if cfg.on_nonfinite == "stop":
         what = f"{phase} loss or gradient" if not stats_bad else "G BatchNorm running statistics"
@@ -188,12 +184,13 @@ def d_phase(
     skipped = _apply_or_skip(
         s, s.opt_D, total, grad_norm, cfg, "D", step, extra_checks=tuple(s.G.buffers())
     )
+    kept = 0.0 if skipped else 1.0  # a skipped phase's statistics are left out of the means
     stats = {
-        "d_loss": total.detach(),
-        "d_real": torch.sigmoid(d_real.detach()).mean(),
-        "d_fake": torch.sigmoid(d_fake.detach()).mean(),
-        "d_penalty": penalty.detach(),
-        "d_grad_norm": grad_norm,
+        "d_loss": total.detach() * kept,
+        "d_real": torch.sigmoid(d_real.detach()).mean() * kept,
+        "d_fake": torch.sigmoid(d_fake.detach()).mean() * kept,
+        "d_penalty": penalty.detach() * kept,
+        "d_grad_norm": grad_norm * kept,
         "d_skipped": torch.tensor(float(skipped), device=total.device),
     }
     return fake, stats
@@ -215,9 +212,10 @@ def g_phase(
     _backward(s, accelerator, loss, s.opt_G)
     grad_norm = _grad_norm(s.G.parameters())
     skipped = _apply_or_skip(s, s.opt_G, loss, grad_norm, cfg, "G", step)
+    kept = 0.0 if skipped else 1.0  # a skipped phase's statistics are left out of the means
     return {
-        "g_loss": loss.detach(),
-        "g_grad_norm": grad_norm,
+        "g_loss": loss.detach() * kept,
+        "g_grad_norm": grad_norm * kept,
         "g_skipped": torch.tensor(float(skipped), device=loss.device),
     }
 
@@ -233,8 +231,14 @@ def train_step(
     g_stats = g_phase(s, accelerator, cfg, fake, step)
     if s.scaler is not None:
         s.scaler.update()  # once per step, after both optimizers (PyTorch's AMP recipe)
-        if not bool(d_stats["d_skipped"] + g_stats["g_skipped"]):
-            s.overflow_streak = 0
+        s.overflow_streak = s.overflow_streak + 1 if s.overflowed else 0
+        s.overflowed = False
+        if s.overflow_streak > cfg.max_overflow_skips:
+            raise NonFiniteError(
+                f"{s.overflow_streak} fp16 overflows in a row at step {step} (loss scale "
+                f"{s.scaler.get_scale():.3g}); lower the learning rates, or use "
+                "train.mixed_precision=bf16"
+            )
     if saved is not None and bool(d_stats["d_skipped"] + g_stats["g_skipped"]):
         with torch.no_grad():
             for buf, old in zip(s.G.buffers(), saved):

@@ -27,6 +27,7 @@ from pipeline.checkpoint.manager import CheckpointManager
 from pipeline.config import RunConfig, to_yaml
 from pipeline.data import ShardedBatches, load_dataset
 from pipeline.distributed import (
+    agree_all_ranks,
     broadcast_json_all_ranks,
     broadcast_module_all_ranks,
     local_main_first_all_ranks,
@@ -77,8 +78,12 @@ class Trainer:
         )
         self.step, run_id, partial_interval = 0, None, False
         if self.resume_from is not None:
-            resumed = self.checkpoints.load(
-                self.resume_from, self.state, self.ema, batches, self.loop.stats
+            # Every rank reads the files itself: agree, so one rank's unreadable copy (a stale
+            # network filesystem) fails the job on every rank instead of leaving peers waiting.
+            resumed = agree_all_ranks(
+                lambda: self.checkpoints.load(
+                    self.resume_from, self.state, self.ema, batches, self.loop.stats
+                )
             )
             self.step, run_id = resumed.step, resumed.tracker_run_id
             partial_interval = resumed.partial_interval
@@ -171,11 +176,8 @@ class Trainer:
                         self.step, s, self.ema, self.loop.batches, self.run_id, self.loop.stats
                     )
                 # After the checkpoint, so a failing evaluation never costs this step's save.
-                if (
-                    self.evaluator is not None
-                    and _due(self.step, cfg.eval.every, total)
-                    and not stop
-                ):
+                # Gated on the config, which every rank holds (the evaluator is rank 0's alone).
+                if cfg.eval.enabled and _due(self.step, cfg.eval.every, total) and not stop:
                     self.evaluate_all_ranks()
                 if stop:
                     signum = self.loop.stop.signal  # the signal may have reached another rank only

@@ -55,3 +55,27 @@ def test_the_same_generator_scores_the_same_on_one_and_two_processes(scores):
             value,
             two[0][key],
         )
+
+
+def _fit_with_evaluation(rank: int, world: int, out_dir: str) -> list[int]:
+    from pipeline.config import load_config
+    from pipeline.report import read_metrics
+    from pipeline.trainer import Trainer
+
+    overrides = [*OVERRIDES, "train.steps=4", "eval.every=2", "train.collective_timeout_s=30"]
+    trainer = Trainer(load_config(None, [f"output_dir={out_dir}/fit", *overrides]))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    rows = read_metrics(f"{out_dir}/fit/metrics.jsonl")
+    return [row["step"] for row in rows if "eval/fid" in row]
+
+
+def test_two_processes_evaluate_inside_fit_without_waiting_on_each_other(tmp_path):
+    """Every rank enters the evaluation's gather (a rank-0-only gate would deadlock the run)."""
+    env = {"ACCELERATE_USE_CPU": "1", "HOME": str(tmp_path / "home")}
+    ranks = run_on_ranks(
+        _fit_with_evaluation, 2, str(tmp_path), init_process_group=False, env=env, timeout=240
+    )
+    assert ranks[0] == [2, 4]

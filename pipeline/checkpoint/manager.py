@@ -307,6 +307,9 @@ class CheckpointManager:
         (and its log interval in progress), then rank 0 writes; a failure there, a full disk
         included, is raised on every rank."""
         named = named_state(self.accelerator, state, ema)
+        # Replicas first (a collective every rank enters): once they are proven identical, the
+        # finiteness check below gives the same answer on every rank.
+        check_replicas_consistent(named)
         bad = [
             k
             for k, v in named.items()
@@ -316,7 +319,6 @@ class CheckpointManager:
             raise NonFiniteError(
                 f"refusing to write a checkpoint at step {step}: tensor '{bad[0]}' is not finite"
             )
-        check_replicas_consistent(named)
         blobs = gather_bytes_all_ranks(fmt.capture_rng_state())
         intervals = (
             [json.loads(b) for b in gather_bytes_all_ranks(json.dumps(stats.state()).encode())]
