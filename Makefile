@@ -7,7 +7,7 @@ CONFIG ?= configs/mnist5k.yaml
 ARGS ?=
 NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 
-.PHONY: venv train train-multi test test-fast lint style bench bench-scaling clean
+.PHONY: venv train train-multi test test-fast check-gpu lint style bench bench-scaling clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ endif
 
 test: venv
 	$(PY) -m pytest -q
+
+## What only a GPU can check (SyncBatchNorm, bf16, fp16, compile, exact resume); one table.
+## Without CUDA: one line saying it skipped, status 0.
+check-gpu: venv
+	$(PY) tests/gpu/check_gpu.py
 
 lint: venv
 	$(VENV)/bin/ruff check pipeline tests bench
