@@ -65,6 +65,8 @@ _DISK_FIXES = {
     errno.EACCES: "fix the permissions or set output_dir elsewhere",
     errno.EPERM: "fix the permissions or set output_dir elsewhere",
     errno.EIO: "check the disk, or set output_dir elsewhere",
+    errno.EEXIST: "a file stands where a folder is needed: move it or set output_dir elsewhere",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it or set output_dir elsewhere",
 }
 
 
