@@ -319,17 +319,13 @@ class Tracking:
             )
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "wandb":
-                import wandb
-
-                tracker.log({name: wandb.Image(image)}, step=int(step))
-            elif tracker.name == "tensorboard":
-                dataformats = "HW" if image.ndim == 2 else "HWC"
-                tracker.writer.add_image(
-                    name, image, global_step=int(step), dataformats=dataformats
-                )
+        for tracker in self.accelerator.trackers:  # Accelerate's own image logging
+            if tracker.name == "tensorboard":
+                batch = image[None] if image.ndim == 3 else image[None, :, :, None]
+                tracker.log_images({name: batch}, step=int(step), dataformats="NHWC")
                 tracker.writer.flush()
+            else:
+                tracker.log_images({name: [image]}, step=int(step))
 
     def truncate_after(self, step: int, partial_interval: bool = False) -> int:
         """Keep only metrics.jsonl rows with step <= ``step`` (atomic rewrite); return how many

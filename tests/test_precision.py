@@ -152,6 +152,30 @@ def test_an_fp16_overflow_skips_the_update_halves_the_scale_and_the_run_goes_on(
     assert math.isfinite(rows[OVERFLOW_STEP + 1]["train/g_grad_norm"])
 
 
+def _scaler_manifest(run_dir: Path, step: int) -> dict:
+    path = run_dir / "checkpoints" / checkpoint_format.step_dir_name(step) / "manifest.json"
+    return json.loads(path.read_text())["scaler"]
+
+
+def test_an_fp16_run_with_an_overflow_resumes_exactly_with_its_loss_scale(
+    tmp_path, monkeypatch, cpu_loss_scaler
+):
+    """8 steps (one overflow at step 2) + resume to 16 == 16 uninterrupted, bitwise, and the
+    checkpoint carries the halved scale, so the resumed run scales as the uninterrupted one."""
+    monkeypatch.setattr(pipeline.step, "l2_penalty", OverflowAt(OVERFLOW_STEP))
+    _, uninterrupted, _ = _train(tmp_path / "b", "train.steps=16")
+    monkeypatch.setattr(pipeline.step, "l2_penalty", OverflowAt(OVERFLOW_STEP))
+    _train(tmp_path / "a", "train.steps=8")
+    assert _scaler_manifest(tmp_path / "a", 8)["scale"] == INIT_SCALE / 2
+    monkeypatch.setattr(pipeline.step, "l2_penalty", OverflowAt(-1))  # steps 8.. never overflow
+    summary, resumed, _ = _train(tmp_path / "a", "train.steps=16")
+    assert summary["resumed_from"].endswith("step-00000008")
+    assert _scaler_manifest(tmp_path / "a", 16) == _scaler_manifest(tmp_path / "b", 16)
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
 def test_consecutive_fp16_overflows_beyond_the_limit_stop_with_status_3(
     tmp_path, monkeypatch, capsys, cpu_loss_scaler
 ):
