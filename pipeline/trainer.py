@@ -9,15 +9,12 @@ instead of leaving them waiting in a collective.
 from __future__ import annotations
 
 import gc
-import math
-import random
 import resource
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
@@ -29,14 +26,13 @@ from pipeline.data import ShardedBatches, load_dataset
 from pipeline.distributed import (
     agree_all_ranks,
     broadcast_json_all_ranks,
-    broadcast_module_all_ranks,
     local_main_first_all_ranks,
     run_on_main_all_ranks,
     seed_rank_streams,
 )
-from pipeline.io import atomic_write_text, draw_latents, seeded_generator
+from pipeline.io import atomic_write_text
 from pipeline.loop import StopRequest, TrainLoop
-from pipeline.samples import fixed_latents, generate, render, save_grid
+from pipeline.samples import fixed_latents, render, save_grid
 from pipeline.stats import Stat, reduce_all_ranks
 from pipeline.step import instance_noise_std
 
@@ -103,9 +99,11 @@ class Trainer:
             return tracking
 
         self.tracking: Tracking | None = run_on_main_all_ranks(start_run_directory_main)
-        self.evaluator = self.classifier = None
+        self.evaluation = None
         if cfg.eval.enabled:
-            self._build_evaluator_all_ranks()
+            from pipeline.evaluation.distributed import DistributedEvaluation
+
+            self.evaluation = DistributedEvaluation(cfg, acc)
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         logger.info(
@@ -113,31 +111,6 @@ class Trainer:
             f"global batch {cfg.train.batch_size * self.world}, threads/process {torch.get_num_threads()}",
             main_process_only=True,
         )
-
-    def _build_evaluator_all_ranks(self) -> None:
-        """Collective: rank 0 loads (or trains and caches) the evaluator; its classifier's weights
-        are broadcast, so every rank embeds its share of the samples with the same classifier."""
-        from pipeline.evaluation import ClassifierRecipe, Evaluator, FeatureClassifier
-
-        self.evaluator = None
-
-        def build_main() -> int:
-            # Its own seeds: keep this rank's training streams intact.
-            with torch.random.fork_rng(devices=[]):
-                py_state, np_state = random.getstate(), np.random.get_state()
-                self.evaluator = Evaluator.for_dataset(self.cfg.data, device=self.device)
-                random.setstate(py_state)
-                np.random.set_state(np_state)
-            return self.evaluator.num_classes
-
-        num_classes = run_on_main_all_ranks(build_main, share_result=True)
-        if self.evaluator is not None:
-            self.classifier = self.evaluator.classifier
-        else:
-            with torch.random.fork_rng(devices=[]):
-                self.classifier = FeatureClassifier(ClassifierRecipe(), num_classes)
-            self.classifier = self.classifier.to(self.device).eval()
-        broadcast_module_all_ranks(self.classifier)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -245,30 +218,11 @@ class Trainer:
         array = save_grid(images, self.out / "samples" / f"step-{self.step:08d}.png")
         self.tracking.log_image("samples", array, self.step)
 
-    @torch.no_grad()
     def evaluate_all_ranks(self) -> None:
-        """Collective: the latents are drawn once from the seed and sharded; each rank embeds its
-        share with the shared classifier; the features are gathered and rank 0 validates and
-        scores them. The scores of given weights do not depend on the number of processes."""
-        from pipeline.evaluation.classifier import predict_in_batches
-
-        n, dim = self.cfg.eval.n_samples, self.cfg.model.latent_dim
-        per_rank = math.ceil(n / self.world)
-        z = draw_latents(n, dim, "cpu", seeded_generator(self.cfg.seed, "eval-latents"))
-        z = torch.cat([z, z.new_zeros(per_rank * self.world - n, dim)])  # padding, dropped below
-        z = z[self.rank * per_rank : (self.rank + 1) * per_rank].to(self.device)
-        images = generate(self._generator_for_eval(), z)
-        feats, probs = predict_in_batches(self.classifier, images, self.device)
-        feats = self.accelerator.gather(feats.contiguous())[:n]
-        probs = self.accelerator.gather(probs.contiguous())[:n]
-
-        def score_main() -> dict[str, float]:
-            scores = self.evaluator.score_features(feats, probs)
-            metrics = {f"eval/{k}": float(v) for k, v in scores.items()}
-            self.tracking.log(metrics, self.step)
-            return metrics
-
-        self.last_eval = run_on_main_all_ranks(score_main, share_result=True)
+        """Collective: score the generator on samples sharded across ranks; rank 0 logs."""
+        self.last_eval = self.evaluation.score_all_ranks(self._generator_for_eval())
+        if self.tracking is not None:
+            self.tracking.log(self.last_eval, self.step)
 
     # --- the end ------------------------------------------------------------------------------
 
