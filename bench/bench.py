@@ -2,16 +2,17 @@
 
     make bench                                     # everything: throughput, then scaling
     python bench/bench.py --only throughput        # trainer vs plain loop vs matmul limit
-    python bench/bench.py --only scaling           # 1 -> 2 processes, batch curve, width curve
+    python bench/bench.py --only scaling           # 1 -> 2 processes (trainer vs plain DDP
+                                                   # peer), batch curve, width curve
     python bench/bench.py --quick                  # a smoke test: tiny repeat counts
     python bench/bench.py --device cuda --precision bf16 --compile
     BENCH_JSON=runs/bench-cpu.json make bench      # where the JSON goes (default bench.json)
 
 The trainer step is the product's own loop body (``pipeline.loop.TrainLoop.step_all_ranks``);
-the workloads are in bench/workloads.py, the 2-process figures come from bench/scaling_worker.py
-run under ``accelerate launch``, every table is printed by bench/report.py. The method and the
-FLOP count are in docs/performance.md. A benchmark, never a test: targets print PASS/MISS and
-the exit status does not depend on them.
+the workloads are in bench/workloads.py, the 2-process figures (the trainer and its plain-DDP
+peer, interleaved) come from bench/scaling_worker.py run under ``accelerate launch``, every table
+is printed by bench/report.py. The method and the FLOP count are in docs/performance.md. A
+benchmark, never a test: targets print PASS/MISS and the exit status does not depend on them.
 """
 
 from __future__ import annotations
@@ -279,9 +280,11 @@ def curve_section(
 
 def weak_scaling_section(plan: Plan, batches: tuple[int, ...], rounds: int) -> dict:
     """Launches of 1 and 2 processes take turns ``rounds`` times; each figure is the mean over
-    the rounds of the launches' medians, so a slow spell does not land on one side only."""
+    the rounds of the launches' medians, so a slow spell does not land on one side only. Inside
+    each launch the trainer, its plain-DDP peer and the limit take turns too."""
     print0(
-        "\n== weak scaling on CPU: 1 -> 2 processes (gloo), 1 thread each, same per-process batch =="
+        "\n== weak scaling on CPU: 1 -> 2 processes (gloo), 1 thread each, same per-process batch: "
+        "trainer vs plain DDP peer =="
     )
     launches: dict[int, list[dict]] = {1: [], 2: []}
     for n in range(rounds):
@@ -293,52 +296,86 @@ def weak_scaling_section(plan: Plan, batches: tuple[int, ...], rounds: int) -> d
         runs = launches[processes]
         return sum(run[key][index]["images_per_s"] for run in runs) / len(runs)
 
+    def per_round(key: str, index: int) -> list[float]:
+        return [
+            two[key][index]["images_per_s"] / (2 * one[key][index]["images_per_s"])
+            for one, two in zip(launches[1], launches[2])
+        ]
+
+    def runs(processes: int, key: str, index: int) -> list[dict]:
+        return [run[key][index] for run in launches[processes]]
+
     rows, table = [], []
     for index, batch in enumerate(batches):
         t1, t2 = mean_rate(1, "results", index), mean_rate(2, "results", index)
+        p1, p2 = mean_rate(1, "peer_results", index), mean_rate(2, "peer_results", index)
         l1, l2 = mean_rate(1, "limit_results", index), mean_rate(2, "limit_results", index)
-        per_round = [
-            two["results"][index]["images_per_s"] / (2 * one["results"][index]["images_per_s"])
-            for one, two in zip(launches[1], launches[2])
-        ]
         row = {
             "batch": batch,
             "one_process_images_per_s": t1,
             "two_processes_images_per_s": t2,
             "efficiency": t2 / (2 * t1),
-            "efficiency_per_round": per_round,
+            "efficiency_per_round": per_round("results", index),
+            "peer_one_process_images_per_s": p1,
+            "peer_two_processes_images_per_s": p2,
+            "peer_efficiency": p2 / (2 * p1),
+            "peer_efficiency_per_round": per_round("peer_results", index),
+            "efficiency_over_peer": (t2 / (2 * t1)) / (p2 / (2 * p1)),
+            "trainer_over_peer_one_process": t1 / p1,
+            "trainer_over_peer_two_processes": t2 / p2,
             "limit_one_process_images_per_s": l1,
             "limit_two_processes_images_per_s": l2,
             "hardware_ceiling": l2 / (2 * l1),
-            "one_process": [run["results"][index] for run in launches[1]],
-            "two_processes": [run["results"][index] for run in launches[2]],
-            "limit_one_process": [run["limit_results"][index] for run in launches[1]],
-            "limit_two_processes": [run["limit_results"][index] for run in launches[2]],
+            "one_process": runs(1, "results", index),
+            "two_processes": runs(2, "results", index),
+            "peer_one_process": runs(1, "peer_results", index),
+            "peer_two_processes": runs(2, "peer_results", index),
+            "limit_one_process": runs(1, "limit_results", index),
+            "limit_two_processes": runs(2, "limit_results", index),
         }
         rows.append(row)
-        rounds_text = ", ".join(f"{e:.0%}" for e in per_round)
+        rounds_text = " / ".join(
+            ", ".join(f"{e:.0%}" for e in row[key])
+            for key in ("efficiency_per_round", "peer_efficiency_per_round")
+        )
         table.append(
-            [batch, t1, t2, row["efficiency"], l1, l2, row["hardware_ceiling"], rounds_text]
+            [
+                batch,
+                t1,
+                t2,
+                row["efficiency"],
+                p1,
+                p2,
+                row["peer_efficiency"],
+                row["hardware_ceiling"],
+                rounds_text,
+            ]
         )
     columns = [
         Column("batch/proc"),
-        Column("1 proc img/s", ".0f"),
-        Column("2 procs img/s", ".0f"),
-        Column("efficiency", ".1%"),
-        Column("limit 1 proc", ".0f"),
-        Column("limit 2 procs", ".0f"),
+        Column("trainer 1p", ".0f"),
+        Column("trainer 2p", ".0f"),
+        Column("trainer eff", ".1%"),
+        Column("peer 1p", ".0f"),
+        Column("peer 2p", ".0f"),
+        Column("peer eff", ".1%"),
         Column("ceiling", ".1%"),
-        Column("per round"),
+        Column("per round (trainer / peer)"),
     ]
     print0(format_table(columns, table))
     two = launches[2][-1]
     print0(
-        "(efficiency = images/s of 2 processes / (2 x images/s of 1 process), the trainer step; "
-        "ceiling = the same ratio for the step's matmuls alone, in 2 processes that never "
-        f"communicate: what this machine allows; {rounds} round(s) of launches, 1 and 2 in turn)"
+        "(1p, 2p: images/s of all processes together; efficiency = images/s of 2 processes / "
+        "(2 x images/s of 1 process); trainer: the "
+        "trainer step; peer: the same GAN as a plain DDP loop (DDP-wrapped G and D, BatchNorm "
+        "not synchronized, DistributedSampler DataLoader, tutorial step); ceiling = the same "
+        "ratio for the trainer step's matmuls alone, in 2 processes that never communicate: what "
+        f"this machine allows; {rounds} round(s) of launches, 1 and 2 in turn)"
     )
+    peer = two["peer_results"][0]
     print0(
-        f"(2-process BatchNorm: {two['results'][0]['batchnorm_sync']}, backend {two['backend']}; "
+        f"(2 processes: trainer BatchNorm {two['results'][0]['batchnorm_sync']}; peer "
+        f"{peer['wrapper']} with {peer['batchnorm']}; backend {two['backend']}; "
         f"launched as: {two['command']})"
     )
     return {
@@ -346,6 +383,7 @@ def weak_scaling_section(plan: Plan, batches: tuple[int, ...], rounds: int) -> d
         "command_1_process": launches[1][-1]["command"],
         "threads_per_process": two["threads_per_process"],
         "backend": two["backend"],
+        "peer": "bench.workloads.ddp_peer_step",
         "rounds": rounds,
         "rows": rows,
     }
@@ -362,7 +400,8 @@ def contention(s: Session, report: dict) -> list[str]:
         if t.other_cores is not None and t.other_cores > CONTENDED_CORES
     ]
     for row in report.get("weak_scaling", {}).get("rows", []):
-        for key in ("one_process", "limit_one_process"):  # with 2 processes, the other rank counts
+        # with 2 processes, the other rank counts
+        for key in ("one_process", "peer_one_process", "limit_one_process"):
             for n, run in enumerate(row[key]):
                 other = run.get("other_cores")
                 if other is not None and other > CONTENDED_CORES:

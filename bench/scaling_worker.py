@@ -1,5 +1,6 @@
-"""The weak-scaling worker: every rank times the trainer step and the matmul limit; rank 0 writes
-the global throughput. ``launch`` (called by bench/bench.py) starts it as
+"""The weak-scaling worker: every rank times the trainer step, its plain-DDP peer and the matmul
+limit, interleaved; rank 0 writes the global throughput. ``launch`` (called by bench/bench.py)
+starts it as
 
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --config_file launch/cpu_2proc.yaml \\
         --num_processes {1,2} --main_process_port PORT \\
@@ -26,7 +27,7 @@ import torch
 from accelerate.utils.other import get_free_port
 
 from bench.timing import Plan, measure_interleaved
-from bench.workloads import bench_config, limit_step_for, trainer_step
+from bench.workloads import bench_config, ddp_peer_step, limit_step_for, trainer_step
 from pipeline.data import load_dataset
 from pipeline.distributed import all_reduce_max
 from pipeline.io import atomic_write_text
@@ -81,9 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Every rank: the trainer step (collective: DDP, BN, stop agreement) interleaved with the
-    limit (no communication); the round times are all-reduced (max) so every rank runs the same
-    number of steps. Rank 0 writes the result."""
+    """Every rank: the trainer step (collective: DDP, BN, stop agreement), the plain-DDP peer
+    (collective: DDP's gradient all-reduces and buffer broadcasts) and the limit (no
+    communication), their repeats taking turns; the round times are all-reduced (max) so every
+    rank runs the same number of steps. Rank 0 writes the result."""
     from pipeline.build import make_accelerator
 
     args = parse_args(argv)
@@ -99,15 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     def agree(seconds: float) -> float:
         return float(all_reduce_max(torch.tensor([seconds])).item())
 
-    results, limits = [], []
+    results, peers, limits = [], [], []
     for b in args.batch:
         cfg = config(b)
         trainer, bn_sync = trainer_step(cfg, accelerator, images)
-        steps = {"trainer": trainer, "limit": limit_step_for(cfg, device)}
+        peer, peer_G, _ = ddp_peer_step(cfg, device, images)
+        peer_bn = sorted({type(m).__name__ for m in peer_G.modules() if "Norm" in type(m).__name__})
+        steps = {"trainer": trainer, "peer": peer, "limit": limit_step_for(cfg, device)}
         timings = measure_interleaved(steps, b * world, device, plan, agree)
         results.append({"batch": b, "batchnorm_sync": bn_sync, **timings["trainer"].to_dict()})
+        peers.append(
+            {
+                "batch": b,
+                "wrapper": type(peer_G).__name__,
+                "batchnorm": ", ".join(peer_bn),
+                **timings["peer"].to_dict(),
+            }
+        )
         limits.append({"batch": b, **timings["limit"].to_dict()})
-        del steps, trainer
+        del steps, trainer, peer, peer_G
         accelerator.free_memory()
     if accelerator.is_main_process:
         atomic_write_text(
@@ -118,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads_per_process": torch.get_num_threads(),
                     "backend": str(torch.distributed.get_backend()) if world > 1 else "none",
                     "results": results,
+                    "peer_results": peers,
                     "limit_results": limits,
                 }
             ),

@@ -1,14 +1,16 @@
-"""The three things the benchmark times, each built as a zero-argument step function.
+"""The things the benchmark times, each built as a zero-argument step function.
 
 trainer_step  the project's own loop body: ``TrainLoop.step_all_ranks`` (pipeline/loop.py), the
               one definition of a training iteration that ``Trainer.fit`` calls too, on a state
               built by ``build_gan`` (SyncBN where distributed, DDP, Adam). Nothing of the
               iteration is retyped here, so the bench measures the product's code.
 plain_step    the same GAN written the way a hand-written tutorial does (see ``plain_step``).
+ddp_peer_step the weak-scaling peer: that tutorial loop under plain DDP, BatchNorm unsynchronized,
+              a DistributedSampler loader (see ``ddp_peer_step``).
 limit_step    only the matmuls of one trainer step (``flops.trainer_step_matmuls``), as
               ``torch.mm``/``torch.addmm`` with ``out=`` on preallocated tensors.
 
-``bench_config`` is the run configuration all three are built from.
+``bench_config`` is the run configuration all of them are built from.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import itertools
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from bench.flops import Matmul, trainer_step_matmuls
 from pipeline.build import build_gan
@@ -101,24 +105,79 @@ def plain_step(cfg: RunConfig, device: torch.device, images: torch.Tensor) -> St
     z and a fresh G(z) through an unfrozen D. Instance noise as ``x + std * randn_like(x)``.
     Under bf16/fp16 the forward passes run in ``torch.autocast`` and BCELoss gets float32.
     """
-    t = cfg.train
     torch.manual_seed(cfg.seed)
     G, D = (net.to(device) for net in _tutorial_models(cfg))
-    opt_G = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.betas))
-    opt_D = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.betas))
-    criterion = nn.BCELoss()
     loader = DataLoader(
-        TensorDataset(images.cpu()), batch_size=t.batch_size, shuffle=True, drop_last=True
+        TensorDataset(images.cpu()), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True
     )
-    use_autocast = t.mixed_precision != "no"
-    dtype = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float16
 
     def forever() -> Iterator[torch.Tensor]:
         while True:  # for epoch in range(epochs): for (real,) in loader: ...
             for (real,) in loader:
                 yield real
 
-    batches = forever()
+    return _tutorial_step(cfg, G, D, forever(), device)
+
+
+def ddp_peer_step(
+    cfg: RunConfig, device: torch.device, images: torch.Tensor
+) -> tuple[Step, nn.Module, nn.Module]:
+    """Collective when distributed (DDP all-reduces gradients and broadcasts G's BatchNorm
+    buffers in every forward): ``plain_step`` as a plain-DDP user writes it, the weak-scaling
+    peer of the trainer. Returns the step and the (wrapped) G and D.
+
+    - G and D from the same tutorial builder, plain ``nn.BatchNorm1d`` (*not* synchronized: each
+      rank normalizes with its own batch's statistics), built under one seed on every rank and,
+      with several processes, each wrapped in ``DistributedDataParallel`` with its defaults
+      (buffers broadcast from rank 0 at each forward); on one process they stay unwrapped, like
+      the trainer's (``accelerator.prepare`` wraps only across processes) and Lightning's on one
+      device;
+    - ``find_unused_parameters=False`` (the default): with G and D wrapped separately every
+      backward that runs through a wrapped module reaches all of its parameters (D is not frozen
+      in the G step; G's D-step output is detached and never backpropagated, which starts no
+      reduction), so ``True``'s graph search after every forward (needed by Lightning's one DDP
+      over both networks) would only cost time;
+    - a ``DataLoader`` over ``DistributedSampler(shuffle=True, drop_last=True)``, ``set_epoch``
+      at each epoch; each rank's z and noise from its own stream (``seed_rank_streams``);
+    - the step of ``plain_step``, unchanged.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    torch.manual_seed(cfg.seed)
+    G, D = (net.to(device) for net in _tutorial_models(cfg))
+    if world > 1:
+        G, D = DistributedDataParallel(G), DistributedDataParallel(D)
+    seed_rank_streams(cfg.seed, rank)
+    dataset = TensorDataset(images.cpu())
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True)
+
+    def forever() -> Iterator[torch.Tensor]:
+        for epoch in itertools.count():
+            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+            for (real,) in loader:
+                yield real
+
+    return _tutorial_step(cfg, G, D, forever(), device), G, D
+
+
+def _tutorial_step(
+    cfg: RunConfig,
+    G: nn.Module,
+    D: nn.Module,
+    batches: Iterator[torch.Tensor],
+    device: torch.device,
+) -> Step:
+    """The tutorial's step, shared by ``plain_step`` and ``ddp_peer_step``; the optimizers are
+    built here, on the (possibly DDP-wrapped) modules' parameters."""
+    t = cfg.train
+    opt_G = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.betas))
+    opt_D = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.betas))
+    criterion = nn.BCELoss()
+    use_autocast = t.mixed_precision != "no"
+    dtype = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float16
 
     def step() -> None:
         real = next(batches).to(device)

@@ -1,6 +1,8 @@
 """The benchmark's own arithmetic, specified: the FLOP closed forms equal the sum over the Linear
 layers and torch's count of a real step; the trainer step it times is the trainer's loop body;
-its one table helper aligns; and `bench/bench.py --quick` runs end to end."""
+its weak-scaling peer really is plain DDP with unsynchronized BatchNorm; its one table helper
+aligns, its targets pass and miss where they should; and `bench/bench.py --quick` runs end to
+end, the scaling section with the peer next to the trainer."""
 
 from __future__ import annotations
 
@@ -169,8 +171,8 @@ def test_check_targets_pass_at_the_threshold_and_miss_below_it():
     report = {
         "meta": {"precision": "no", "device": "cpu", "nproc": 2},
         "throughput": [
-            {"batch": 64, "trainer_over_plain": 1.5, "trainer_over_limit": 0.1},
-            {"batch": 256, "trainer_over_plain": 1.19, "trainer_over_limit": 0.81},
+            {"batch": 64, "trainer_over_plain": 1.3, "trainer_over_limit": 0.1},
+            {"batch": 256, "trainer_over_plain": 1.29, "trainer_over_limit": 0.81},
         ],
     }
     got = {t["target"]: t["status"] for t in check_targets(report)}
@@ -179,6 +181,59 @@ def test_check_targets_pass_at_the_threshold_and_miss_below_it():
         "trainer/plain at batch 256": "MISS",
         "trainer/limit at batch 256": "PASS",
     }  # no scaling rows in this report: its targets are left out, not failed
+
+
+def test_check_targets_compare_the_trainer_efficiency_with_the_peer_of_the_same_run():
+    report = {
+        "meta": {"precision": "no", "device": "cpu", "nproc": 2},
+        "weak_scaling": {
+            "rows": [
+                {"batch": 64, "efficiency": 0.65, "efficiency_over_peer": 0.99},
+                {"batch": 256, "efficiency": 0.87, "efficiency_over_peer": 1.0},
+            ]
+        },
+    }
+    got = {t["target"]: t["status"] for t in check_targets(report)}
+    assert got == {
+        "weak-scaling efficiency 1->2 processes at batch 64": "PASS",
+        "weak-scaling efficiency 1->2 processes at batch 256": "MISS",
+        "trainer efficiency / plain DDP peer efficiency at batch 64": "MISS",
+        "trainer efficiency / plain DDP peer efficiency at batch 256": "PASS",
+    }
+
+
+def _peer_after_one_step(rank: int, world: int, batch: int) -> dict:
+    """On each rank: the plain DDP peer's modules, and G's BatchNorm running statistics and every
+    parameter after one step on this rank's shard."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bench.workloads import ddp_peer_step
+
+    cfg = _tiny(batch)
+    images = torch.rand(16 * batch * world, 784) * 2 - 1
+    step, G, D = ddp_peer_step(cfg, torch.device("cpu"), images)
+    step()
+    norms = [m for m in G.module.modules() if "Norm" in type(m).__name__]
+    return {
+        "ddp": [isinstance(net, DistributedDataParallel) for net in (G, D)],
+        "norm_types": [type(m) for m in norms],
+        "running_stats": [torch.cat([m.running_mean, m.running_var]) for m in norms],
+        "params": [p.detach().clone() for net in (G, D) for p in net.parameters()],
+    }
+
+
+@pytest.mark.slow
+def test_the_peer_is_ddp_with_unsynchronized_batchnorm_equal_weights_per_rank_statistics():
+    ranks = run_on_ranks(_peer_after_one_step, 2, 8, timeout=120)
+    for result in ranks:
+        assert result["ddp"] == [True, True]
+        assert result["norm_types"] == [torch.nn.BatchNorm1d] * 2  # not SyncBatchNorm or ours
+    # DDP averaged the gradients: one update, the same weights on both ranks...
+    for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(p0, p1)
+    # ...while each rank's BatchNorm saw only its own batch: its running statistics are its own.
+    for s0, s1 in zip(ranks[0]["running_stats"], ranks[1]["running_stats"]):
+        assert not torch.allclose(s0, s1)
 
 
 @pytest.mark.slow
@@ -205,3 +260,34 @@ def test_quick_throughput_bench_runs_and_writes_its_json(tmp_path):
         assert check["counted_by_torch"] == check["listed"] == check["closed_form"]
     assert report["meta"]["quick"] is True and report["meta"]["device"] == "cpu"
     assert "trainer img/s" in done.stdout and "== targets" in done.stdout
+
+
+@pytest.mark.slow
+def test_quick_scaling_bench_puts_the_plain_ddp_peer_next_to_the_trainer_in_its_json(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "bench/bench.py", "--quick", "--only", "scaling", "--device", "cpu"],
+        cwd=ROOT,
+        env={**os.environ, "BENCH_JSON": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    scaling = json.loads(out.read_text())["weak_scaling"]
+    assert [row["batch"] for row in scaling["rows"]] == [64, 256]
+    for row in scaling["rows"]:
+        p1, p2 = row["peer_one_process_images_per_s"], row["peer_two_processes_images_per_s"]
+        assert p1 > 0 and p2 > 0
+        assert row["peer_efficiency"] == pytest.approx(p2 / (2 * p1))
+        assert row["efficiency_over_peer"] == pytest.approx(
+            row["efficiency"] / row["peer_efficiency"]
+        )
+        assert len(row["peer_efficiency_per_round"]) == scaling["rounds"] == 1
+        # Measured inside the trainer's own launches, DDP-wrapped only where there are 2 ranks.
+        assert [run["wrapper"] for run in row["peer_one_process"]] == ["Sequential"]
+        assert [run["wrapper"] for run in row["peer_two_processes"]] == ["DistributedDataParallel"]
+        assert row["peer_two_processes"][0]["batchnorm"] == "BatchNorm1d"
+    assert "peer eff" in done.stdout and "trainer eff" in done.stdout
+    targets = {t["target"] for t in json.loads(out.read_text())["targets"]}
+    assert "trainer efficiency / plain DDP peer efficiency at batch 256" in targets
