@@ -24,6 +24,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -268,3 +269,21 @@ def _dumps(obj: Any) -> bytes:
 
 def _loads(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def accelerate_launch_cmd(*args: str, processes: int = 2) -> list[str]:
+    """``accelerate launch`` on ``processes`` CPU processes (launch/cpu_2proc.yaml, a free port)
+    followed by ``args`` (launcher options, then the script and its arguments). The caller sets
+    ACCELERATE_USE_CPU=1 in the environment."""
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    return [
+        accelerate,
+        "launch",
+        "--config_file",
+        "launch/cpu_2proc.yaml",
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(get_free_port()),
+        *args,
+    ]

@@ -20,7 +20,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,12 +27,11 @@ from pathlib import Path
 
 import psutil  # installed with accelerate, which requires it
 import pytest
-from accelerate.utils.other import get_free_port
 
+from tests.dist_utils import accelerate_launch_cmd
 from tests.test_checkpoint import error_lines
 
 ROOT = Path(__file__).resolve().parent.parent
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 SCRIPTS = ROOT / "tests" / "scripts"
 TRAIN = str(ROOT / "pipeline" / "train.py")
 TINY = [
@@ -162,20 +160,12 @@ def launched(
     then exec (an ignored signal stays ignored across exec, and the launcher's children inherit
     it)."""
     script = script or [TRAIN]
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        "launch/cpu_2proc.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(get_free_port()),
+    cmd = accelerate_launch_cmd(
         *script,
         *TINY,
         f"output_dir={run}",
         *overrides,
-    ]
+    )
     if slurm:
         cmd = ["bash", "-c", "trap '' TERM; exec \"$@\"", "bash", *cmd]
     logs = run.parent / f"{run.name}{tag}"

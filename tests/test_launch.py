@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from accelerate.utils.other import get_free_port
 
-from tests.dist_utils import run_on_ranks
+from tests.dist_utils import accelerate_launch_cmd, run_on_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -43,19 +43,11 @@ def _manifest(run: Path) -> dict:
 
 def test_accelerate_launch_two_cpu_processes_trains_end_to_end(tmp_path):
     run = tmp_path / "run"
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        "launch/cpu_2proc.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(get_free_port()),
+    cmd = accelerate_launch_cmd(
         "pipeline/train.py",
         *TINY,
         f"output_dir={run}",
-    ]
+    )
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = _manifest(run)

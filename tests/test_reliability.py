@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.utils.other import get_free_port
 from safetensors.torch import load_file, save_file
 
 from pipeline import checkpoint as ckpt
@@ -43,6 +42,7 @@ from pipeline.config import load_config
 from pipeline.report import read_metrics
 from pipeline.stats import StepStats
 from pipeline.trainer import Trainer
+from tests.dist_utils import accelerate_launch_cmd
 from tests.test_checkpoint import (
     EMA_ON,
     error_lines,
@@ -52,7 +52,6 @@ from tests.test_checkpoint import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 S4, S8 = "checkpoints/step-00000004", "checkpoints/step-00000008"
 MODEL, OPTIM, RNG = schema.MODEL_FILE, schema.OPTIM_FILE, schema.RNG_FILE
 MANIFEST = ckpt.MANIFEST
@@ -840,21 +839,13 @@ def test_no_pipeline_code_pickles_between_ranks_or_unpickles_files():
 
 def launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        "launch/cpu_2proc.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(get_free_port()),
+    cmd = accelerate_launch_cmd(
         "--log_dir",
         str(tmp_path / "launcher-logs"),
         "pipeline/train.py",
         *overrides(tmp_path / "run"),
         *args,
-    ]
+    )
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
