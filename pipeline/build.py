@@ -74,7 +74,7 @@ def build_gan(cfg: RunConfig, accelerator: Accelerator) -> tuple[GANState, EMA |
     # Identical initial weights on every rank: one global seed before the models are built.
     torch.manual_seed(cfg.seed)
     G, D = build_models(cfg.model)
-    ema = EMA(G, cfg.model.ema_decay) if cfg.model.ema_decay > 0 else None
+    ema = EMA(G, cfg.model.ema_decay, cfg.model.ema_bn_batches) if cfg.model.ema_decay > 0 else None
     if ema is not None:
         ema.module.to(accelerator.device)
     G, bn_sync = sync_batchnorm(G, accelerator.device, accelerator.num_processes)

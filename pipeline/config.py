@@ -51,6 +51,9 @@ class ModelConfig:
     """Negative slope of the discriminator's LeakyReLU."""
     ema_decay: float = 0.0
     """Decay of the exponential moving average of G's weights; 0 switches the EMA off."""
+    ema_bn_batches: int = 0
+    """EMA only: before the EMA generator is sampled, scored or saved, recompute its BatchNorm
+    statistics from this many batches of 256 fresh latents; 0 copies G's live statistics."""
 
 
 @dataclass
@@ -230,6 +233,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         "model.ema_decay",
         "in [0, 1) (0 switches the EMA off)",
         m.ema_decay,
+    )
+    _require(
+        m.ema_bn_batches >= 0,
+        "model.ema_bn_batches",
+        ">= 0 (0 copies G's live BatchNorm statistics)",
+        m.ema_bn_batches,
     )
     _require(d.name in DATASETS, "data.name", "one of " + ", ".join(DATASETS), d.name)
     _require(d.synthetic_size >= 16, "data.synthetic_size", "an integer >= 16", d.synthetic_size)

@@ -142,15 +142,20 @@ class Trainer:
                         G=f"{m['train/g_loss']:.3f}",
                         img_s=f"{m['perf/images_per_s']:.0f}",
                     )
-                if _due(self.step, cfg.sample.every, total) or stop:
+                sample = _due(self.step, cfg.sample.every, total) or stop
+                save = _due(self.step, cfg.checkpoint.every, total) or self.step == total or stop
+                # Gated on the config, which every rank holds (the evaluator is rank 0's alone).
+                score = cfg.eval.enabled and _due(self.step, cfg.eval.every, total) and not stop
+                if self.ema is not None and (sample or save or score):
+                    # Every rank: the same latents give the same statistics, no communication.
+                    self.ema.recalibrate_bn(cfg.seed, self.step)
+                if sample:
                     run_on_main_all_ranks(self._save_samples_main)
-                if _due(self.step, cfg.checkpoint.every, total) or self.step == total or stop:
+                if save:
                     self.checkpoints.save_all_ranks(
                         self.step, s, self.ema, self.loop.batches, self.run_id, self.loop.stats
                     )
-                # After the checkpoint, so a failing evaluation never costs this step's save.
-                # Gated on the config, which every rank holds (the evaluator is rank 0's alone).
-                if cfg.eval.enabled and _due(self.step, cfg.eval.every, total) and not stop:
+                if score:  # after the checkpoint: a failing evaluation never costs this save
                     self.evaluate_all_ranks()
                 if stop:
                     signum = self.loop.stop.signal  # the signal may have reached another rank only

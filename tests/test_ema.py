@@ -113,3 +113,51 @@ def test_ema_module_is_a_separate_copy_of_the_generator():
         assert torch.equal(value, ema_state[name]), name
     ema_ptrs = {t.data_ptr() for t in ema.module.state_dict().values()}
     assert ema_ptrs.isdisjoint(t.data_ptr() for t in G.state_dict().values())
+
+
+# --- BatchNorm statistics of the averaged weights ---------------------------------------------
+
+
+def test_with_recalibration_update_leaves_the_batchnorm_buffers_alone():
+    G = _generator()
+    ema = EMA(G, decay=0.9, bn_batches=2)
+    before = {k: v for k, v in _clone(ema.module).items() if "running" in k}
+    _train_forward(G)  # moves G's running statistics
+    ema.update(G)
+    after = {k: v for k, v in _clone(ema.module).items() if "running" in k}
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+def test_recalibration_gives_the_batch_statistics_of_the_averaged_weights():
+    from pipeline.ema import RECALIBRATION_BATCH
+    from pipeline.io import draw_latents, seeded_generator
+
+    G = _generator()
+    ema = EMA(G, decay=0.9, bn_batches=1)
+    _perturb(ema.module)  # averaged weights unlike G's
+    ema.recalibrate_bn(seed=3, step=40)
+    # The first BatchNorm sees Linear(z) (no bias): its statistics follow from z and the weight.
+    z = draw_latents(RECALIBRATION_BATCH, G.latent_dim, "cpu", seeded_generator(3, "ema-bn", 40))
+    h = z @ ema.module.net[0].weight.T
+    bn = ema.module.net[1]
+    torch.testing.assert_close(bn.running_mean, h.mean(0))
+    torch.testing.assert_close(bn.running_var, h.var(0, unbiased=True))
+    assert bn.num_batches_tracked.item() == 1
+    assert not ema.module.training and bn.momentum == G.net[1].momentum  # restored
+
+
+def test_recalibration_is_the_same_on_every_call_and_leaves_the_weights_alone():
+    """Each rank calls it with the same (seed, step): identical statistics, no communication."""
+    ema = EMA(_generator(), decay=0.9, bn_batches=3)
+    _perturb(ema.module)
+    weights = {k: v for k, v in _clone(ema.module).items() if "running" not in k and "num" not in k}
+    ema.recalibrate_bn(seed=0, step=7)
+    first = _clone(ema.module)
+    ema.recalibrate_bn(seed=0, step=7)
+    for key, value in _clone(ema.module).items():
+        assert torch.equal(value, first[key]), key
+    for key, value in weights.items():
+        assert torch.equal(first[key], value), key
+    ema.recalibrate_bn(seed=0, step=8)
+    assert not torch.equal(_clone(ema.module)["net.1.running_mean"], first["net.1.running_mean"])

@@ -240,3 +240,20 @@ def test_resume_without_this_ranks_device_state_rederives_distinct_streams(
     assert torch.equal(state_after_resume, torch.get_rng_state())
     torch.manual_seed(rank_seed(0, 1, 4))
     assert not torch.equal(state_after_resume, torch.get_rng_state())  # rank 1's differs
+
+
+def test_a_run_with_recalibrated_ema_batchnorm_resumes_bitwise(tmp_path):
+    """The EMA generator's statistics are recomputed before every save from (seed, step): the
+    resumed run's checkpoint equals the uninterrupted run's, G_ema included."""
+    ema = ["model.ema_decay=0.9", "model.ema_bn_batches=2"]
+    _train(tmp_path / "b", "train.steps=8", *ema)
+    _train(tmp_path / "a", "train.steps=4", *ema)
+    _train(tmp_path / "a", "train.steps=8", *ema)
+    step8 = checkpoint_format.step_dir_name(8)
+    resumed = checkpoint_format.verify(tmp_path / "a" / "checkpoints" / step8)
+    uninterrupted = checkpoint_format.verify(tmp_path / "b" / "checkpoints" / step8)
+    a, b = resumed.tensors("model.safetensors"), uninterrupted.tensors("model.safetensors")
+    assert any(k.startswith("G_ema.") and "running_var" in k for k in a)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
