@@ -88,6 +88,21 @@ def gather_bytes_all_ranks(blob: bytes) -> list[bytes]:
     return [bytes(t[:n].cpu().numpy().tobytes()) for t, n in zip(gathered, sizes)]
 
 
+def _failure_report(exc: BaseException) -> dict[str, str]:
+    """What other ranks learn of a failure: a user error by its type, anything else as a bug."""
+    kind = type(exc).__name__ if isinstance(exc, UserError) else "RuntimeError"
+    return {"type": kind, "message": str(exc) or type(exc).__name__}
+
+
+def _raise_reported(report: dict[str, str], rank: int) -> None:
+    """Raise, on a rank that did not fail, the error ``rank`` reported."""
+    cls = USER_ERRORS.get(report["type"], RuntimeError)
+    message = (
+        report["message"] if cls is not RuntimeError else f"on rank {rank}: {report['message']}"
+    )
+    raise cls(message)
+
+
 def agree_all_ranks(work: Callable[[], T] | None) -> T | None:
     """Collective: every rank given a ``work`` runs it; then the ranks agree on the outcome, so a
     failure on any rank is raised on every rank (rank by rank order: the first failure's type
@@ -99,20 +114,13 @@ def agree_all_ranks(work: Callable[[], T] | None) -> T | None:
         try:
             result = work()
         except Exception as exc:
-            original = exc
-            kind = type(exc).__name__ if isinstance(exc, UserError) else "RuntimeError"
-            failure = {"type": kind, "message": str(exc) or type(exc).__name__}
+            original, failure = exc, _failure_report(exc)
     outcomes = [json.loads(b) for b in gather_bytes_all_ranks(json.dumps(failure).encode())]
-    failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None]
     if original is not None:
         raise original
-    if failed:
-        rank, first = failed[0]
-        cls = USER_ERRORS.get(first["type"], RuntimeError)
-        message = (
-            first["message"] if cls is not RuntimeError else f"on rank {rank}: {first['message']}"
-        )
-        raise cls(message)
+    for rank, report in enumerate(outcomes):
+        if report is not None:
+            _raise_reported(report, rank)
     return result
 
 
@@ -151,17 +159,14 @@ def run_on_main_all_ranks(work: Callable[[], T], share_result: bool = False) -> 
             original = (
                 disk_error(exc, exc.filename or "a file of the run") if is_disk_error(exc) else exc
             )
-            kind = type(original).__name__ if isinstance(original, UserError) else "RuntimeError"
-            failure = {"type": kind, "message": str(original) or type(original).__name__}
+            failure = _failure_report(original)
     outcome = broadcast_json_all_ranks(
         {"failure": failure, "result": result if share_result and failure is None else None}
     )
     if original is not None:
         raise original
     if outcome["failure"] is not None:
-        failure = outcome["failure"]
-        cls = USER_ERRORS.get(failure["type"], RuntimeError)
-        raise cls(f"on rank 0: {failure['message']}" if cls is RuntimeError else failure["message"])
+        _raise_reported(outcome["failure"], 0)
     return outcome["result"] if share_result else result
 
 

@@ -37,7 +37,7 @@ import pipeline.step
 from pipeline import checkpoint as ckpt
 from pipeline import train as train_cli
 from pipeline.checkpoint import CheckpointError
-from pipeline.checkpoint.manager import CheckpointManager
+from pipeline.checkpoint.manager import CheckpointManager, named_state
 from pipeline.cli import export as export_cli
 from pipeline.cli import sample as sample_cli
 from pipeline.config import ConfigError, load_config
@@ -105,12 +105,10 @@ def isolated_process_state():
 
 
 def final_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """G, D, G_ema and both optimizers' tensors (Adam moments and step counts), cloned."""
-    acc, s = trainer.accelerator, trainer.state
-    state = {f"G.{k}": v for k, v in acc.unwrap_model(s.G).state_dict().items()}
-    state.update({f"D.{k}": v for k, v in acc.unwrap_model(s.D).state_dict().items()})
-    if trainer.ema is not None:
-        state.update({f"G_ema.{k}": v for k, v in trainer.ema.module.state_dict().items()})
+    """G, D, G_ema (under their checkpoint names) and both optimizers' tensors (Adam moments and
+    step counts), cloned."""
+    s = trainer.state
+    state = named_state(trainer.accelerator, s, trainer.ema)
     for name, opt in (("opt_G", s.opt_G.optimizer), ("opt_D", s.opt_D.optimizer)):
         state.update(ckpt.optimizer_to_tensors(opt, name)[0])
     return {k: v.detach().cpu().clone() for k, v in state.items()}

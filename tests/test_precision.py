@@ -21,20 +21,10 @@ from pipeline.checkpoint import format as checkpoint_format
 from pipeline.config import load_config
 from pipeline.distributed import rank_seed
 from pipeline.trainer import Trainer
+from tests.test_checkpoint import TINY as CHECKPOINT_TINY
+from tests.test_checkpoint import final_state
 
-TINY = [
-    "data.name=synthetic",
-    "model.g_hidden=[32,64]",
-    "model.d_hidden=[64,32]",
-    "model.latent_dim=16",
-    "train.batch_size=16",
-    "log.trackers=[none]",
-    "eval.enabled=false",
-    "log.every=1",
-    "sample.every=0",
-    "checkpoint.every=4",
-    "train.cpu_threads=1",
-]
+TINY = [*CHECKPOINT_TINY, "log.every=1"]  # a metrics row every step
 
 
 def _train(run_dir: Path, *extra: str) -> tuple[dict, dict[str, torch.Tensor], Trainer]:
@@ -46,29 +36,12 @@ def _train(run_dir: Path, *extra: str) -> tuple[dict, dict[str, torch.Tensor], T
         trainer = Trainer(load_config(None, [f"output_dir={run_dir}", *TINY, *extra]))
         try:
             summary = trainer.fit()
-            named = checkpoint_format_named(trainer)
+            named = final_state(trainer)
         finally:
             trainer.close()
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return summary, named, trainer
-
-
-def checkpoint_format_named(trainer: Trainer) -> dict[str, torch.Tensor]:
-    acc, s = trainer.accelerator, trainer.state
-    named = {
-        f"G.{k}": v.clone()
-        for k, v in acc.unwrap_model(s.G, keep_torch_compile=False).state_dict().items()
-    }
-    named.update(
-        {
-            f"D.{k}": v.clone()
-            for k, v in acc.unwrap_model(s.D, keep_torch_compile=False).state_dict().items()
-        }
-    )
-    for name, opt in (("opt_G", s.opt_G.optimizer), ("opt_D", s.opt_D.optimizer)):
-        named.update(checkpoint_format.optimizer_to_tensors(opt, name)[0])
-    return named
 
 
 def _rows(run_dir: Path) -> list[dict]:
