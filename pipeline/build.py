@@ -18,7 +18,7 @@ from pipeline.distributed import cpu_threads_per_process, sync_batchnorm
 from pipeline.ema import EMA
 from pipeline.errors import ConfigError
 from pipeline.models import build_models
-from pipeline.step import GANState, penalty_params
+from pipeline.step import GANState, NonFiniteRecord, penalty_params
 
 
 def make_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Accelerator:
@@ -77,7 +77,9 @@ def build_gan(cfg: RunConfig, accelerator: Accelerator) -> tuple[GANState, EMA |
     ema = EMA(G, cfg.model.ema_decay, cfg.model.ema_bn_batches) if cfg.model.ema_decay > 0 else None
     if ema is not None:
         ema.module.to(accelerator.device)
-    G, bn_sync = sync_batchnorm(G, accelerator.device, accelerator.num_processes)
+    G, bn_sync = sync_batchnorm(
+        G, accelerator.device, accelerator.num_processes, enabled=cfg.model.g_batchnorm_sync
+    )
     betas = tuple(cfg.train.betas)
     opt_G = _adam(G.parameters(), cfg.train.g_lr, betas, accelerator.device)
     opt_D = _adam(D.parameters(), cfg.train.d_lr, betas, accelerator.device)
@@ -95,5 +97,13 @@ def build_gan(cfg: RunConfig, accelerator: Accelerator) -> tuple[GANState, EMA |
     )
     # fp16 on a GPU: Accelerate's GradScaler, driven by the step itself (step.py), so both
     # optimizers share it and the scale moves once per step.
-    state = GANState(G, D, opt_G, opt_D, penalized, scaler=accelerator.scaler)
+    state = GANState(
+        G,
+        D,
+        opt_G,
+        opt_D,
+        penalized,
+        scaler=accelerator.scaler,
+        record=NonFiniteRecord.empty(accelerator.device),
+    )
     return state, ema, bn_sync

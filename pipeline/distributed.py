@@ -209,7 +209,7 @@ class _CrossReplicaBatchNorm(torch.autograd.Function):
         x_hat = (xf - mean64.to(dtype)) * invstd
         y = x_hat if weight is None else x_hat * weight.to(dtype) + bias.to(dtype)
         ctx.save_for_backward(x_hat, invstd, weight)
-        ctx.n = float(n)
+        ctx.n = n  # a tensor: reading it on the host would be a sync
         count = stats[:1]
         ctx.mark_non_differentiable(mean64, var64, count)
         return y.to(x.dtype), mean64, var64, count
@@ -256,8 +256,7 @@ class CrossReplicaBatchNorm1d(nn.BatchNorm1d):
                     factor = 1.0 / float(self.num_batches_tracked)
                 else:
                     factor = self.momentum
-                n = float(count)
-                unbiased = var * (n / max(n - 1.0, 1.0))
+                unbiased = var * (count / (count - 1.0).clamp_min(1.0))  # no host read
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
         return y
@@ -284,17 +283,24 @@ def _convert(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     return out
 
 
+PER_REPLICA_BN = "off (per-replica BatchNorm, running statistics averaged before use)"
+
+
 def sync_batchnorm(
-    model: nn.Module, device: torch.device, world_size: int
+    model: nn.Module, device: torch.device, world_size: int, enabled: bool = True
 ) -> tuple[nn.Module, str]:
     """The one place that decides how G's BatchNorm is synchronized.
 
     Returns the converted model and the name of the choice: ``none`` on one process,
-    ``torch.nn.SyncBatchNorm`` on CUDA, ``CrossReplicaBatchNorm1d`` elsewhere (gloo/CPU).
+    ``torch.nn.SyncBatchNorm`` on CUDA, ``CrossReplicaBatchNorm1d`` elsewhere (gloo/CPU), or
+    with ``enabled=False`` the model unchanged and ``PER_REPLICA_BN`` (each replica's own batch
+    statistics; see ``average_buffers_all_ranks``).
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if world_size <= 1 or not norms:
         return model, "none"
+    if not enabled:
+        return model, PER_REPLICA_BN
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model), "torch.nn.SyncBatchNorm"
     other = [type(m).__name__ for m in norms if not isinstance(m, nn.BatchNorm1d)]
@@ -303,6 +309,21 @@ def sync_batchnorm(
             f"cross-replica BatchNorm off the GPU supports BatchNorm1d only, found {other[0]}"
         )
     return _convert(model, CrossReplicaBatchNorm1d), "CrossReplicaBatchNorm1d"
+
+
+def average_buffers_all_ranks(module: nn.Module) -> None:
+    """Collective: every floating-point buffer (BatchNorm running statistics) replaced by its
+    mean over ranks. Per-replica BatchNorm leaves each rank its own running statistics; the
+    model that is sampled, scored and saved is then the same on every rank (and passes
+    ``check_replicas_consistent``). Identity on one process."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for buf in module.buffers():
+            if buf.is_floating_point():
+                total = buf.to(_comm_device(), torch.float64)
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                buf.copy_(total / dist.get_world_size())
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
@@ -341,8 +362,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Max over ranks (in place, non-differentiable); identity on one process."""
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """Min over ranks (in place, non-differentiable); identity on one process."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t
 
 

@@ -15,11 +15,11 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.data import ShardedBatches
-from pipeline.distributed import all_reduce_max
+from pipeline.distributed import all_reduce_min
 from pipeline.ema import EMA
 from pipeline.io import draw_latents
 from pipeline.stats import StepStats
-from pipeline.step import STAT_NAMES, GANState, train_step
+from pipeline.step import STAT_NAMES, GANState, raise_recorded, train_step
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +85,31 @@ class TrainLoop:
         self.stopped = False
         """True on every rank once they agreed to stop (whichever rank got the signal)."""
 
-    def step_all_ranks(self, step: int) -> bool:
-        """Collective (DDP and BN all-reduces, the stop agreement): train step ``step`` on this
-        rank's shard; returns True when any rank asked to stop."""
+    def step_all_ranks(self, step: int, agree: bool = False) -> bool:
+        """Collective (DDP and BN all-reduces): train step ``step`` on this rank's shard, with no
+        host sync. After every ``train.check_every``-th step, and whenever ``agree`` is set (the
+        trainer sets it before logging, sampling, saving or scoring), the ranks also agree on
+        stopping (``agree_all_ranks``). Returns True when they agreed to stop."""
         real = self.images[self.batches.next_indices()]
         z = draw_latents(real.shape[0], self.cfg.model.latent_dim, self.device)
         self.stats.add(train_step(self.state, self.accelerator, self.cfg.train, real, z, step))
         if self.ema is not None:
             self.ema.update(self.state.G)
-        self.stopped = self.stop_agreed_all_ranks()
+        if agree or (step + 1) % self.cfg.train.check_every == 0:
+            self.stopped = self.agree_all_ranks()
         return self.stopped
 
-    def stop_agreed_all_ranks(self) -> bool:
-        """Collective: True when a stop signal reached any rank (it may have reached one only)."""
-        if self.world == 1:
-            return self.stop.signal is not None
-        flag = torch.tensor([float(self.stop.signal is not None)], device=self.device)
-        return bool(all_reduce_max(flag).item())
+    def agree_all_ranks(self) -> bool:
+        """Collective, the loop's one host sync: one all-reduce of three numbers. Raises
+        NonFiniteError on every rank when a step since the start saw what ``on_nonfinite=stop``
+        (or ``max_overflow_skips``) forbids, on any rank; else returns True when a stop signal
+        reached any rank (it may have reached one only)."""
+        record = self.state.record
+        no_signal = torch.full(
+            (1,), float(self.stop.signal is None), dtype=torch.float64, device=self.device
+        )
+        values = torch.cat([no_signal, record.agreed_values()])
+        no_signal_anywhere, *recorded = all_reduce_min(values).tolist()
+        scaler = self.state.scaler
+        raise_recorded(recorded, self.cfg.train, scaler.get_scale() if scaler else None)
+        return not no_signal_anywhere

@@ -24,7 +24,9 @@ from pipeline.checkpoint.manager import CheckpointManager
 from pipeline.config import RunConfig, to_yaml
 from pipeline.data import ShardedBatches, load_dataset
 from pipeline.distributed import (
+    PER_REPLICA_BN,
     agree_all_ranks,
+    average_buffers_all_ranks,
     broadcast_json_all_ranks,
     local_main_first_all_ranks,
     run_on_main_all_ranks,
@@ -130,10 +132,17 @@ class Trainer:
             s.G.train()
             s.D.train()
             while self.step < total:
-                stop = self.loop.step_all_ranks(self.step)
-                self.step += 1
+                after = self.step + 1
+                log = _due(after, cfg.log.every, total)
+                sample = _due(after, cfg.sample.every, total)
+                save = _due(after, cfg.checkpoint.every, total)
+                # Gated on the config, which every rank holds (the evaluator is rank 0's alone).
+                score = cfg.eval.enabled and _due(after, cfg.eval.every, total)
+                # The ranks agree (stop signals, non-finite values) before anything is written.
+                stop = self.loop.step_all_ranks(self.step, agree=log or sample or save or score)
+                self.step = after
                 bar.update(1)
-                if _due(self.step, cfg.log.every, total) or stop:
+                if log or stop:
                     self.last_metrics = self.log_train_all_ranks(time.perf_counter() - t_interval)
                     t_interval = time.perf_counter()
                     m = self.last_metrics
@@ -142,10 +151,9 @@ class Trainer:
                         G=f"{m['train/g_loss']:.3f}",
                         img_s=f"{m['perf/images_per_s']:.0f}",
                     )
-                sample = _due(self.step, cfg.sample.every, total) or stop
-                save = _due(self.step, cfg.checkpoint.every, total) or self.step == total or stop
-                # Gated on the config, which every rank holds (the evaluator is rank 0's alone).
-                score = cfg.eval.enabled and _due(self.step, cfg.eval.every, total) and not stop
+                sample, save, score = sample or stop, save or stop, score and not stop
+                if (sample or save or score) and self.bn_sync == PER_REPLICA_BN:
+                    self._average_running_statistics_all_ranks()
                 if self.ema is not None and (sample or save or score):
                     # Every rank: the same latents give the same statistics, no communication.
                     self.ema.recalibrate_bn(cfg.seed, self.step)
@@ -212,6 +220,14 @@ class Trainer:
         if self.tracking is not None:
             self.tracking.log(metrics, self.step)
         return metrics
+
+    def _average_running_statistics_all_ranks(self) -> None:
+        """Collective: with per-replica BatchNorm each rank's running statistics are its own;
+        what is sampled, scored and saved gets their mean (training, in train mode, uses batch
+        statistics and is unaffected)."""
+        average_buffers_all_ranks(self.state.G)
+        if self.ema is not None and self.ema.bn_batches == 0:  # it copies G's live statistics
+            average_buffers_all_ranks(self.ema.module)
 
     def _generator_for_eval(self) -> torch.nn.Module:
         if self.ema is not None:

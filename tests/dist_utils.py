@@ -64,13 +64,9 @@ def torchrun_env(
     }
 
 
-@contextlib.contextmanager
-def forbid_collectives() -> Iterator[None]:
-    """Make every torch.distributed collective raise inside the block (to prove code is local)."""
+def _collective_targets() -> list[tuple[Any, str]]:
+    """(module, name) of every Python-level torch.distributed collective."""
     import torch.distributed.nn.functional as dist_nn
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a collective was called inside forbid_collectives()")
 
     targets = [
         (dist, name)
@@ -88,15 +84,72 @@ def forbid_collectives() -> Iterator[None]:
         )
         if hasattr(dist, name)
     ]
-    targets += [(dist_nn, name) for name in ("all_reduce", "all_gather", "broadcast")]
+    return targets + [(dist_nn, name) for name in ("all_reduce", "all_gather", "broadcast")]
+
+
+@contextlib.contextmanager
+def _replaced(targets: list[tuple[Any, str]], make: Callable[[str, Any], Any]) -> Iterator[None]:
+    """Each ``module.name`` replaced by ``make(name, original)`` inside the block."""
     saved = [(module, name, getattr(module, name)) for module, name in targets]
-    for module, name in targets:
-        setattr(module, name, refuse)
+    for module, name, original in saved:
+        setattr(module, name, make(name, original))
     try:
         yield
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def forbid_collectives() -> Iterator[None]:
+    """Make every torch.distributed collective raise inside the block (to prove code is local)."""
+
+    def make(name: str, original: Any) -> Any:
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("a collective was called inside forbid_collectives()")
+
+        return refuse
+
+    with _replaced(_collective_targets(), make):
+        yield
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+"""Tensor methods that read a value on the host: each one drains a GPU's queue."""
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[dict[str, Any]]:
+    """Count, inside the block, what makes the host wait: Python-level collectives (by the file
+    and function that called them), tensor reads on the host (``HOST_READS``, by caller), and
+    every collective the process group ran, DDP's reducer included (the profiler's ``gloo:``
+    and ``nccl:`` events). The dict yielded is filled when the block ends."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts: dict[str, Any] = {"collectives": {}, "host_reads": {}, "backend_collectives": 0}
+
+    def counting(kind: str) -> Callable[[str, Any], Any]:
+        def make(name: str, original: Any) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                caller = traceback.extract_stack(limit=2)[0]
+                key = f"{name} from {Path(caller.filename).name}:{caller.name}"
+                counts[kind][key] = counts[kind].get(key, 0) + 1
+                return original(*args, **kwargs)
+
+            return wrapper
+
+        return make
+
+    reads = [(torch.Tensor, name) for name in HOST_READS]
+    with (
+        _replaced(_collective_targets(), counting("collectives")),
+        _replaced(reads, counting("host_reads")),
+        profile(activities=[ProfilerActivity.CPU]) as prof,
+    ):
+        yield counts
+    counts["backend_collectives"] = sum(
+        1 for e in prof.events() if e.name.startswith(("gloo:", "nccl:"))
+    )
 
 
 def run_on_ranks(

@@ -102,9 +102,9 @@ def _count_real_steps(rank: int, world: int, batch: int) -> dict:
     seen: list[int] = []
     original = TrainLoop.step_all_ranks
 
-    def recording(self, step):
+    def recording(self, step, agree=False):
         seen.append(step)
-        return original(self, step)
+        return original(self, step, agree)
 
     TrainLoop.step_all_ranks = recording
     counts = {}

@@ -63,6 +63,7 @@ TINY = [
 ]
 EMA_ON = "model.ema_decay=0.9"
 SIGNAL_STEP = 5  # a SIGTERM reaches rank 1 alone during this step (0-based)
+CHECK_EVERY = 4  # ...and the ranks agree after steps 4, 8, ...: every rank stops at step 8
 NAN_STEP = 5  # the planted NaN hits the D phase of this step (0-based), logged in the row of step 6
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SUBPROCESS_TIMEOUT_S = 180
@@ -394,14 +395,21 @@ def _two_process_scenarios(rank: int, world: int, root: Path) -> dict:
     results["resumed"] = _rank_run(root / "a", "train.steps=16")
     real_step = TrainLoop.step_all_ranks
 
-    def sigterm_on_rank_1_only(loop, step):
+    def sigterm_on_rank_1_only(loop, step, agree=False):
         if rank == 1 and step == SIGNAL_STEP:
             os.kill(os.getpid(), signal.SIGTERM)  # the handler fit() installed sees it
-        return real_step(loop, step)
+        return real_step(loop, step, agree)
 
     TrainLoop.step_all_ranks = sigterm_on_rank_1_only
     try:
-        results["one_rank_signal"] = _rank_run(root / "signal", "train.steps=100")
+        # Nothing else due before step 8 (no log, sample or checkpoint): only check_every agrees.
+        results["one_rank_signal"] = _rank_run(
+            root / "signal",
+            "train.steps=100",
+            f"train.check_every={CHECK_EVERY}",
+            "log.every=50",
+            "checkpoint.every=50",
+        )
     finally:
         TrainLoop.step_all_ranks = real_step
     real_penalty = pipeline.step.l2_penalty
@@ -411,6 +419,22 @@ def _two_process_scenarios(rank: int, world: int, root: Path) -> dict:
         results["skip"] = _rank_run(root / "nan", "train.steps=8", "train.on_nonfinite=skip")
     finally:
         pipeline.step.l2_penalty = real_penalty
+    real_average, before = Trainer._average_running_statistics_all_ranks, []
+
+    def recording_average(trainer):
+        G = trainer.accelerator.unwrap_model(trainer.state.G)
+        before.append([b.clone() for n, b in G.named_buffers() if "running_" in n])
+        return real_average(trainer)
+
+    Trainer._average_running_statistics_all_ranks = recording_average
+    try:
+        results["per_replica_bn"] = _rank_run(
+            root / "pbn", "train.steps=4", "model.g_batchnorm_sync=false"
+        )
+    finally:
+        Trainer._average_running_statistics_all_ranks = real_average
+    results["per_replica_bn"]["bn_sync"] = results["per_replica_bn"]["trainer"].bn_sync
+    results["per_replica_bn"]["before_average"] = before
     results["skip"]["trainer"].close()
     for run in results.values():
         del run["trainer"]
@@ -481,9 +505,29 @@ def test_a_stop_signal_reaching_one_rank_only_stops_every_rank_at_the_same_step(
     for result in ranks:
         summary = result["one_rank_signal"]["summary"]
         assert summary["preempted"] is True
-        assert summary["steps"] == SIGNAL_STEP + 1  # agreed within the step it arrived in
-    assert latest(root / "signal") == ckpt.step_dir_name(SIGNAL_STEP + 1)
-    ckpt.verify(checkpoint_dir(root / "signal", SIGNAL_STEP + 1))
+        # At the first agreement after the signal (train.check_every), on both ranks alike.
+        assert summary["steps"] == 2 * CHECK_EVERY
+    assert latest(root / "signal") == ckpt.step_dir_name(2 * CHECK_EVERY)
+    ckpt.verify(checkpoint_dir(root / "signal", 2 * CHECK_EVERY))
+
+
+def test_per_replica_batchnorm_trains_and_saves_the_mean_of_the_ranks_running_statistics(
+    two_processes,
+):
+    from pipeline.distributed import PER_REPLICA_BN
+
+    ranks = [r["per_replica_bn"] for r in two_processes["ranks"]]
+    assert all(r["bn_sync"] == PER_REPLICA_BN for r in ranks)
+    # Each rank normalized with its own batch, yet the replica check before the save passed and
+    # the saved statistics are the same on both ranks: their mean.
+    saved = ckpt.verify(checkpoint_dir(two_processes["root"] / "pbn", 4)).tensors(
+        "model.safetensors"
+    )
+    for name in (n for n in saved if "running_" in n):
+        for r in ranks:
+            assert torch.equal(r["state"][name], saved[name]), name
+    (before_0,), (before_1,) = (r["before_average"] for r in ranks)  # one save, at step 4
+    assert not any(torch.equal(a, b) for a, b in zip(before_0, before_1))
 
 
 def test_two_process_skip_drops_the_same_update_on_both_ranks_when_one_rank_sees_nan(two_processes):
@@ -610,6 +654,23 @@ def test_nan_under_stop_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert leftovers(run_dir) == []
     tensors = ckpt.verify(checkpoint_dir(run_dir, 4)).tensors("model.safetensors")
     assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+
+
+def test_a_nan_found_at_a_later_agreement_is_reported_at_its_step_and_saves_nothing_after_it(
+    tmp_path, monkeypatch, capsys
+):
+    """No host sync per step: the NaN of step 5 is read when the ranks next agree, before the
+    checkpoint of step 8, which is not written; the error names step 5."""
+    monkeypatch.setattr(pipeline.step, "l2_penalty", NaNPenaltyAt(NAN_STEP))
+    run_dir = tmp_path / "run"
+    with isolated_process_state():
+        code = train_cli.main(
+            overrides(run_dir, "train.steps=12", "train.check_every=100", "log.every=100")
+        )
+    err = error_lines(capsys.readouterr().err)
+    assert code == 3 and len(err) == 1, err
+    assert f"non-finite D loss or gradient at step {NAN_STEP}" in err[0]
+    assert step_dirs(run_dir) == ["step-00000004"] and leftovers(run_dir) == []
 
 
 def test_nan_under_skip_completes_counts_the_skipped_update_and_stays_finite(tmp_path, monkeypatch):

@@ -73,6 +73,7 @@ def _two_rank_scenarios(rank, world):
         "streams": _random_streams(rank, world, 7),
         "streams_again": _random_streams(rank, world, 7),
         "g_phase": _g_phase_touches_nothing_of_d(rank, world),
+        "syncs": _host_syncs_of_loop_steps(rank, world),
     }
 
 
@@ -195,7 +196,7 @@ def _g_phase_touches_nothing_of_d(rank, world):
 
     state.D.register_comm_hook(None, counting_hook)
     real, z = _fixed_batches(world, rank)
-    fake, _ = d_phase(state, acc, cfg.train, real[0], z[0], 0)
+    fake, _, _ = d_phase(state, acc, cfg.train, real[0], z[0], 0)
     d_phase_calls = calls["D"]
     for p in state.D.parameters():
         p.grad = None
@@ -216,6 +217,61 @@ def test_g_phase_gives_d_no_gradient_and_no_all_reduce(two_ranks):
         assert all(g is None for g in result["d_grads"])
         assert result["d_requires_grad"], "D is unfrozen again after the G phase"
         assert result["g_grads"]
+
+
+CHECK_EVERY = 4
+
+
+def _host_syncs_of_loop_steps(rank, world):
+    """What makes the host wait in the loop body (``TrainLoop.step_all_ranks``, what the trainer
+    and the bench run), counted for a plain step and for an agreement step, with the project's
+    defaults (BN, dropout, noise, L2 penalty on) at a small size."""
+    from pipeline.build import build_gan, make_accelerator
+    from pipeline.data import ShardedBatches
+    from pipeline.distributed import seed_rank_streams
+    from pipeline.loop import TrainLoop
+    from tests.dist_utils import count_host_syncs
+
+    cfg = _cfg([f"train.check_every={CHECK_EVERY}", "train.batch_size=8"])
+    acc = make_accelerator(cfg)
+    state, ema, _ = build_gan(cfg, acc)
+    seed_rank_streams(cfg.seed, rank)
+    images = torch.rand(64, 784) * 2 - 1
+    batches = ShardedBatches(len(images), cfg.train.batch_size, rank, world, cfg.seed, acc.device)
+    loop = TrainLoop(cfg, acc, state, ema, images, batches)
+    for step in range(2):  # DDP rebuilds its buckets after the first backward
+        loop.step_all_ranks(step)
+    with count_host_syncs() as plain:
+        loop.step_all_ranks(2)
+    with count_host_syncs() as agreement:
+        loop.step_all_ranks(CHECK_EVERY - 1)  # the step after which the ranks agree
+    buckets = sum(len(net.reducer._get_zeros_like_grad_buckets()) for net in (state.G, state.D))
+    return {"plain": plain, "agreement": agreement, "ddp_buckets": buckets}
+
+
+def test_a_training_step_makes_no_host_sync_beyond_ddp_and_batchnorm_collectives(two_ranks):
+    bn_layers = 2  # model.g_hidden=[32,48]: one BatchNorm per hidden layer
+    for result in (r["syncs"] for r in two_ranks):
+        plain = result["plain"]
+        assert plain["host_reads"] == {}
+        # One all-reduce forward and one backward per BN layer, and nothing else of ours.
+        assert plain["collectives"] == {
+            "all_reduce from distributed.py:forward": bn_layers,
+            "all_reduce from distributed.py:backward": bn_layers,
+        }
+        # Everything the process group ran: those, plus DDP's gradient buckets of G and D.
+        assert plain["backend_collectives"] == 2 * bn_layers + result["ddp_buckets"]
+
+
+def test_every_check_every_steps_the_ranks_agree_with_one_all_reduce_and_one_read(two_ranks):
+    for result in (r["syncs"] for r in two_ranks):
+        agreement, plain = result["agreement"], result["plain"]
+        extra = {k: v - plain["collectives"].get(k, 0) for k, v in agreement["collectives"].items()}
+        assert {k: v for k, v in extra.items() if v} == {
+            "all_reduce from distributed.py:all_reduce_min": 1
+        }
+        assert agreement["host_reads"] == {"tolist from loop.py:agree_all_ranks": 1}
+        assert agreement["backend_collectives"] == plain["backend_collectives"] + 1
 
 
 def test_l2_penalty_gradient_is_two_lambda_theta():

@@ -19,11 +19,11 @@ raised_at = Path(sys.argv[1])
 step_all_ranks = TrainLoop.step_all_ranks
 
 
-def step_that_fails_on_rank_1(self, step: int) -> bool:
+def step_that_fails_on_rank_1(self, step: int, agree: bool = False) -> bool:
     if step == 3 and os.environ.get("RANK") == "1":
         raised_at.write_text(repr(time.time()))
         raise RuntimeError("planted failure on rank 1 at step 3")
-    return step_all_ranks(self, step)
+    return step_all_ranks(self, step, agree)
 
 
 TrainLoop.step_all_ranks = step_that_fails_on_rank_1
