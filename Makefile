@@ -7,7 +7,7 @@ CONFIG ?= configs/mnist5k.yaml
 ARGS ?=
 NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 
-.PHONY: venv train train-multi test test-fast check-gpu lint style bench bench-scaling clean
+.PHONY: venv train train-multi test test-fast check-gpu lint style bench bench-scaling ablation clean
 
 venv: $(VENV)/.installed
 
@@ -54,3 +54,7 @@ bench-scaling: venv
 
 clean:
 	rm -rf runs bench.json .pytest_cache
+
+## The reference design's claims measured over 3 seeds; writes docs/ablation.md (hours on 2 cores).
+ablation: venv
+	$(PY) bench/ablation.py $(ARGS)

@@ -105,6 +105,14 @@ def plain_step(cfg: RunConfig, device: torch.device, images: torch.Tensor) -> St
     z and a fresh G(z) through an unfrozen D. Instance noise as ``x + std * randn_like(x)``.
     Under bf16/fp16 the forward passes run in ``torch.autocast`` and BCELoss gets float32.
     """
+    return tutorial_gan(cfg, device, images)[0]
+
+
+def tutorial_gan(
+    cfg: RunConfig, device: torch.device, images: torch.Tensor
+) -> tuple[Step, nn.Module, nn.Module]:
+    """``plain_step`` with its G and D (D ends in a Sigmoid), for a run that samples G afterwards
+    (``make ablation``'s anchor)."""
     torch.manual_seed(cfg.seed)
     G, D = (net.to(device) for net in _tutorial_models(cfg))
     loader = DataLoader(
@@ -116,7 +124,7 @@ def plain_step(cfg: RunConfig, device: torch.device, images: torch.Tensor) -> St
             for (real,) in loader:
                 yield real
 
-    return _tutorial_step(cfg, G, D, forever(), device)
+    return _tutorial_step(cfg, G, D, forever(), device), G, D
 
 
 def ddp_peer_step(

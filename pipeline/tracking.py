@@ -92,7 +92,10 @@ def wandb_mode() -> str:
 
 
 def new_run_id() -> str:
-    """A fresh run id in wandb's format (8 base-36 characters)."""
+    """A fresh run's id: the one a wandb sweep agent (or the user) set in WANDB_RUN_ID, so the
+    run joins its sweep; else 8 random base-36 characters, wandb's format."""
+    if os.environ.get("WANDB_RUN_ID", "").strip():
+        return os.environ["WANDB_RUN_ID"].strip()
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
 

@@ -1,0 +1,146 @@
+"""`make ablation` and its wandb sweep, specified: the verdict rule, a real (tiny) run of the
+default and the tutorial anchor end to end, and a sweep whose every parameter the trainer takes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench import ablation
+from pipeline.config import load_config
+from pipeline.tracking import new_run_id
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP = ROOT / "configs" / "sweeps" / "ablation.yaml"
+
+
+def _cell(mean: float, std: float, n: int = 3) -> list[float]:
+    return [mean, std, n]
+
+
+@pytest.mark.parametrize(
+    ("on", "off", "better", "expected"),
+    [
+        (_cell(50, 2), _cell(60, 2), "lower", "confirmed"),  # off is worse by 10 > 2 SE (3.3)
+        (_cell(60, 2), _cell(50, 2), "lower", "refuted"),
+        (_cell(50, 5), _cell(54, 5), "lower", "not distinguishable"),  # 4 < 2 SE (8.2)
+        (_cell(0.6, 0.01), _cell(0.5, 0.01), "higher", "confirmed"),
+        (_cell(math.nan, 0), _cell(1, 0), "lower", "not measured"),
+    ],
+)
+def test_a_claim_is_decided_by_two_standard_errors_of_the_difference(on, off, better, expected):
+    assert ablation.verdict(on, off, better)[0] == expected
+
+
+def test_aggregate_gives_mean_and_sample_std_over_seeds():
+    rows = [{"variant": "a", "fid": v} for v in (10.0, 12.0, 14.0)]
+    mean, std, n = ablation.aggregate(rows)["a"]["fid"]
+    assert (mean, n) == (12.0, 3) and std == pytest.approx(2.0)
+
+
+def test_every_claim_compares_variants_that_exist_on_a_declared_metric():
+    metrics = {m for m, _, _ in ablation.METRICS}
+    for claim in ablation.CLAIMS:
+        assert claim.on in ablation.BY_KEY and claim.off in ablation.BY_KEY, claim
+        assert claim.metric in metrics, claim
+
+
+def test_every_variant_is_a_config_the_trainer_accepts(tmp_path):
+    s = ablation.Settings(
+        steps=10,
+        seeds=[0],
+        samples=100,
+        jobs=1,
+        trackers="none",
+        out_dir=tmp_path,
+        runs_dir=tmp_path,
+        reuse=False,
+    )
+    preset = ROOT / "configs" / "mnist5k.yaml"
+    for variant in ablation.VARIANTS:
+        cfg = load_config(preset, ablation._trainer_overrides(s, variant, 0))
+        assert cfg.log.group == variant.key and cfg.train.steps == 10
+        if variant.batch_size:
+            assert cfg.train.batch_size == variant.batch_size
+
+
+@pytest.mark.slow
+def test_a_tiny_ablation_of_the_default_and_the_tutorial_loop_writes_its_report(tmp_path):
+    code = ablation.main(
+        [
+            "--only",
+            "a,h",
+            "--seeds",
+            "3",
+            "--steps",
+            "6",
+            "--samples",
+            "100",
+            "--trackers",
+            "none",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in result["runs"]] == [("a", 3), ("h", 3)]
+    for run in result["runs"]:
+        assert run["n_samples"] == 100 and math.isfinite(run["fid"])
+        assert -1 <= run["d_gap"] <= 1 and 0 <= run["d_sensitivity"] <= 1
+    report = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| (a) default |" in report and "| (h) tutorial loop" in report
+    assert "the default beats the tutorial loop (h)" in report
+    assert (tmp_path / "out" / "ablation-grids.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_ablation_refuses_an_unknown_variant_in_one_line(capsys):
+    assert ablation.main(["--only", "a,zz"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown variant 'zz'" in err[0]
+
+
+# --- the wandb sweep ----------------------------------------------------------------------------
+
+
+def _sweep() -> dict:
+    return yaml.safe_load(SWEEP.read_text())
+
+
+def test_the_sweep_launches_the_trainer_through_accelerate():
+    sweep = _sweep()
+    command = sweep["command"]
+    assert sweep["program"] == "pipeline/train.py" and "${program}" in command
+    assert command[1:3] == ["accelerate", "launch"]
+    assert command[-1] == "${args_no_hyphens}"  # key=value: the trainer's override form
+
+
+def test_every_sweep_parameter_is_a_config_key_with_valid_values(monkeypatch):
+    monkeypatch.setenv("WANDB_RUN_ID", "abc12345")
+    sweep = _sweep()
+    fixed = [a for a in sweep["command"] if "=" in a]  # resume=none, overwrite=true
+    grid = {
+        key: spec["values"] if "values" in spec else [spec["value"]]
+        for key, spec in sweep["parameters"].items()
+    }
+    preset = ROOT / "configs" / "mnist5k.yaml"
+    for values in itertools.product(*grid.values()):
+        # The agent renders each as key=value with Python's str (True, not true).
+        args = [f"{key}={value}" for key, value in zip(grid, values)]
+        cfg = load_config(preset, [*fixed, *args])
+        assert cfg.output_dir == "runs/sweep/abc12345"  # one directory per sweep run
+    assert len(list(itertools.product(*grid.values()))) >= 3 * 2**4
+
+
+def test_a_sweep_run_takes_the_run_id_its_agent_assigned(monkeypatch):
+    monkeypatch.setenv("WANDB_RUN_ID", "sweep001")
+    assert new_run_id() == "sweep001"
+    monkeypatch.delenv("WANDB_RUN_ID")
+    assert new_run_id() != new_run_id() and len(new_run_id()) == 8
