@@ -55,6 +55,10 @@ ALL_OFF = (
     "train.instance_noise_std=0",
     "train.d_weight_penalty=0",
 )
+MULTI_STEPS = 3000
+EMA_DECAY = 0.995
+"""The EMA tried when the default has none (a 139-step half-life: 0.999 lagged the live G at
+every horizon up to 6000 steps in single-seed runs, 0.995 did not)."""
 PROBE_NOISE_STD = 0.1
 """The small perturbation D's robustness is probed with (the std of the reference noise)."""
 
@@ -65,6 +69,7 @@ class Variant:
     title: str
     overrides: tuple[str, ...] = ()
     processes: int = 1
+    """2: under accelerate launch with gloo, trained for ``Settings.multi_steps``."""
     batch_size: int | None = None
     """Per-process batch; None keeps the preset's."""
     tutorial: bool = False
@@ -79,12 +84,28 @@ VARIANTS = (
     Variant("e", "no L2 penalty", ("train.d_weight_penalty=0",)),
     Variant("f", "all four off", ALL_OFF),
     Variant("g", "reference values, no EMA", (*REFERENCE, *REFERENCE_NOISE, "model.ema_decay=0")),
+    Variant(
+        "old",
+        "previous defaults (L2 1e-5 without biases, noise annealed to 0)",
+        (
+            "train.d_weight_penalty=1e-5",
+            "train.penalty_include_biases=false",
+            "NOISE_ANNEALED_OVER_RUN",
+        ),
+    ),
     Variant("h", "tutorial loop (reference values)", (*REFERENCE, *REFERENCE_NOISE), tutorial=True),
     Variant("ema", "default, EMA toggled", ("EMA_TOGGLE",)),
     Variant("i8-sync", "2 procs x 8, synchronized BN", processes=2, batch_size=8),
     Variant("i8-local", "2 procs x 8, per-replica BN", ("model.g_batchnorm_sync=false",), 2, 8),
     Variant("i32-sync", "2 procs x 32, synchronized BN", processes=2, batch_size=32),
     Variant("i32-local", "2 procs x 32, per-replica BN", ("model.g_batchnorm_sync=false",), 2, 32),
+    Variant(
+        "i32-bf16",
+        "2 procs x 32, bf16 gradient all-reduce",
+        ("train.grad_compression=bf16",),
+        2,
+        32,
+    ),
 )
 BY_KEY = {v.key: v for v in VARIANTS}
 
@@ -144,6 +165,27 @@ CLAIMS = (
     ),
     Claim("The L2 penalty on D prevents overfitting", "a", "e", "d_gap", "D gap (as above)"),
     Claim(
+        "The reference values beat the previous defaults",
+        "a",
+        "old",
+        "fid",
+        "FID (the default is now the reference design)",
+    ),
+    Claim(
+        "The BatchNorm-aware EMA generator beats the live one",
+        "ema",
+        "a",
+        "fid",
+        f"FID of the EMA generator ({EMA_DECAY}, BN statistics recomputed) against the live G",
+    ),
+    Claim(
+        "float32 gradient all-reduces beat bf16-compressed ones (2 x 32)",
+        "i32-sync",
+        "i32-bf16",
+        "fid",
+        "FID with float32 against bf16 gradient all-reduces",
+    ),
+    Claim(
         "Synchronized BN beats per-replica BN at 8 images per replica",
         "i8-sync",
         "i8-local",
@@ -163,6 +205,10 @@ CLAIMS = (
 @dataclass
 class Settings:
     steps: int
+    """Steps of every single-process run."""
+    multi_steps: int
+    """Steps of the 2-process runs, which compare only with each other (each uses both cores,
+    so they run one at a time: fewer steps keep `make ablation` to hours)."""
     seeds: list[int]
     samples: int
     jobs: int
@@ -185,9 +231,9 @@ def _trainer_overrides(s: Settings, variant: Variant, seed: int) -> list[str]:
     overrides = []
     for item in variant.overrides:
         if item == "EMA_TOGGLE":  # the default with its EMA switched the other way
-            overrides.append(
-                "model.ema_decay=0" if s.ema_on_by_default else "model.ema_decay=0.999"
-            )
+            overrides.append(f"model.ema_decay={0 if s.ema_on_by_default else EMA_DECAY}")
+        elif item == "NOISE_ANNEALED_OVER_RUN":
+            overrides.append(f"train.instance_noise_decay_steps={s.steps}")
         else:
             overrides.append(item)
     if variant.batch_size is not None:
@@ -195,7 +241,7 @@ def _trainer_overrides(s: Settings, variant: Variant, seed: int) -> list[str]:
     return [
         f"output_dir={run_dir(s, variant, seed)}",
         f"seed={seed}",
-        f"train.steps={s.steps}",
+        f"train.steps={s.steps if variant.processes == 1 else s.multi_steps}",
         "train.cpu_threads=1",
         "resume=none",
         "overwrite=true",
@@ -238,6 +284,23 @@ def _command(s: Settings, variant: Variant, seed: int) -> list[str]:
     launch += ["--config_file", str(ROOT / "launch" / "cpu_2proc.yaml")]
     launch += ["--num_processes", str(variant.processes), "--main_process_port"]
     return [*launch, str(get_free_port()), train, *args]
+
+
+def same_config(s: Settings, key: str, other: str) -> bool:
+    """Whether two trainer variants train the very same run (paths and tracker names aside)."""
+    from pipeline.config import load_config, to_dict
+
+    def resolved(k: str) -> dict | None:
+        v = BY_KEY[k]
+        if v.tutorial:
+            return None
+        cfg = to_dict(load_config(PRESET, _trainer_overrides(s, v, 0)))
+        cfg.pop("output_dir")
+        cfg.pop("log")
+        return {**cfg, "processes": v.processes}
+
+    a = resolved(key)
+    return a is not None and a == resolved(other)
 
 
 def train_one(s: Settings, variant: Variant, seed: int) -> dict:
@@ -423,8 +486,9 @@ def report(s: Settings, rows: list[dict], wall_s: float) -> tuple[str, list[dict
         f"Generated by `{' '.join(['python bench/ablation.py', *sys.argv[1:]]) or 'make ablation'}` "
         f"on {datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}); {len(rows)} runs, {wall_s / 60:.0f} min in all. "
-        f"Every variant trains {s.steps} steps at the preset's per-process batch (the 2-process "
-        f"ones at the batch named) on the 4,000 mnist5k training digits, seeds "
+        f"Every single-process variant trains {s.steps} steps at the preset's batch, the "
+        f"2-process ones {s.multi_steps} steps at the per-process batch named, on the 4,000 "
+        "mnist5k training digits, seeds "
         f"{', '.join(map(str, s.seeds))}; each run is scored on {s.samples} generated images by "
         "the evaluator (classifier FID, KID, precision/recall, classes covered, class KL). "
         "Cells are mean ± std over seeds. Do not edit by hand: rerun `make ablation`.",
@@ -439,7 +503,7 @@ def report(s: Settings, rows: list[dict], wall_s: float) -> tuple[str, list[dict
     for key, cells in agg.items():
         title = f"({key}) {BY_KEY[key].title}" if key in BY_KEY else key
         if key == "ema":
-            title = f"(ema) default, EMA {'off' if s.ema_on_by_default else 'on (0.999)'}"
+            title = f"(ema) default, EMA {'off' if s.ema_on_by_default else f'on ({EMA_DECAY})'}"
         lines.append(f"| {title} | " + " | ".join(_fmt(cells[m], m) for m, _, _ in METRICS) + " |")
     lines += [
         "",
@@ -543,9 +607,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--only", default="", help="comma-separated variant keys (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default 3000)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per run (default: the preset's, make train's)",
+    )
     p.add_argument(
         "--samples", type=int, default=None, help="generated images scored per run (default 5000)"
+    )
+    p.add_argument(
+        "--multi-steps",
+        type=int,
+        default=None,
+        help=f"steps of the 2-process runs (default: the smaller of --steps and {MULTI_STEPS})",
     )
     p.add_argument("--jobs", type=int, default=2, help="single-process runs at a time")
     p.add_argument("--trackers", choices=("wandb", "none"), default="wandb")
@@ -572,10 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown variant {unknown[0]!r}; known: {', '.join(BY_KEY)}", file=sys.stderr)
         return 2
-    steps, samples = (30, 500) if args.quick else (3000, 5000)
+    steps, samples = (30, 500) if args.quick else (load_config(PRESET).train.steps, 5000)
     runs_dir = args.runs_dir or ROOT / ("runs/ablation-quick" if args.quick else "runs/ablation")
     s = Settings(
         steps=args.steps or steps,
+        multi_steps=args.multi_steps or min(args.steps or steps, MULTI_STEPS),
         seeds=args.seeds,
         samples=args.samples or samples,
         jobs=args.jobs,
@@ -585,9 +661,13 @@ def main(argv: list[str] | None = None) -> int:
         reuse=args.reuse,
         ema_on_by_default=load_config(PRESET).model.ema_decay > 0,
     )
+    # A variant whose config is the default's (the reference values, once they are the
+    # default) is not trained twice: its rows are (a)'s.
+    aliases = {k: "a" for k in keys if k != "a" and "a" in keys and same_config(s, k, "a")}
+    keys_run = [k for k in keys if k not in aliases]
     started = time.perf_counter()
-    single = [(BY_KEY[k], seed) for k in keys for seed in s.seeds if BY_KEY[k].processes == 1]
-    multi = [(BY_KEY[k], seed) for k in keys for seed in s.seeds if BY_KEY[k].processes > 1]
+    single = [(BY_KEY[k], seed) for k in keys_run for seed in s.seeds if BY_KEY[k].processes == 1]
+    multi = [(BY_KEY[k], seed) for k in keys_run for seed in s.seeds if BY_KEY[k].processes > 1]
 
     def one(job) -> dict:
         variant, seed = job
@@ -602,6 +682,12 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max(1, s.jobs)) as pool:
         rows = list(pool.map(one, single))
     rows += [one(job) for job in multi]  # each uses every core: one at a time
+    for alias, target in aliases.items():
+        rows += [{**r, "variant": alias, "same_as": target} for r in rows if r["variant"] == target]
+        s.notes.append(
+            f"({alias}) {BY_KEY[alias].title} resolves to the same config as ({target}): the "
+            f"default is the reference design, so ({alias})'s rows are ({target})'s runs."
+        )
     order = {k: i for i, k in enumerate(keys)}
     rows.sort(key=lambda r: (order[r["variant"]], r["seed"]))
     wall = time.perf_counter() - started

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: the repository root must win ove
 
 import torch
 
-from bench import scaling_worker
+from bench import profile_worker, scaling_worker
 from bench.flops import (
     plain_flops_per_image,
     plain_step_matmuls,
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--only", choices=("throughput", "scaling", "all"), default="all")
+    p.add_argument("--only", choices=("throughput", "scaling", "profile", "all"), default="all")
     p.add_argument(
         "--quick", action="store_true", help="tiny repeat counts and fewer sizes (smoke test)"
     )
@@ -389,6 +389,77 @@ def weak_scaling_section(plan: Plan, batches: tuple[int, ...], rounds: int) -> d
     }
 
 
+def profile_section(plan: Plan, batches: tuple[int, ...]) -> dict:
+    """Where the 2-process step's time goes (bench/profile_worker.py): the trainer step against
+    itself without BN collectives, without DDP's all-reduces and without both, on 1 and 2
+    processes, and the profiler's operator time and the threads' CPU time of the full step."""
+    print0(
+        "\n== profile of the distributed step: 1 and 2 processes (gloo), 1 thread each, ms per "
+        "step =="
+    )
+    launches = {}
+    for processes in (1, 2):
+        progress(f"profile: {processes} process(es)")
+        launches[processes] = profile_worker.launch(processes, batches, plan)
+    rows, table = [], []
+    for index, batch in enumerate(batches):
+        one = launches[1]["results"][index]
+        two = launches[2]["results"][index]
+        t1, t2 = one["step_ms"], two["step_ms"]
+        p1, p2 = one["profile"], two["profile"]
+        row = {
+            "batch": batch,
+            "one_process": one,
+            "two_processes": two,
+            "added_by_distribution_ms": t2["full"] - t1["full"],
+            "bn_collectives_ms": t2["full"] - t2["no_bn_sync"],
+            "ddp_all_reduce_ms": t2["full"] - t2["no_ddp"],
+            "sharing_the_cores_ms": t2["local"] - t1["full"],
+            "operator_ms_1p": p1["operator_ms_per_step"],
+            "operator_ms_2p": p2["operator_ms_per_step"],
+            "other_threads_cpu_ms_2p": p2["other_threads_cpu_ms_per_step"],
+            "switches_per_step_2p": p2["involuntary_switches_per_step"],
+        }
+        rows.append(row)
+        table.append(
+            [
+                batch,
+                t1["full"],
+                t2["full"],
+                row["added_by_distribution_ms"],
+                row["bn_collectives_ms"],
+                row["ddp_all_reduce_ms"],
+                row["sharing_the_cores_ms"],
+                row["operator_ms_1p"],
+                row["operator_ms_2p"],
+                row["other_threads_cpu_ms_2p"],
+                row["switches_per_step_2p"],
+            ]
+        )
+    columns = [
+        Column("batch/proc"),
+        Column("1p step", ".1f"),
+        Column("2p step", ".1f"),
+        Column("added", ".1f"),
+        Column("BN colls", ".1f"),
+        Column("DDP", ".1f"),
+        Column("shared cores", ".1f"),
+        Column("ops 1p", ".1f"),
+        Column("ops 2p", ".1f"),
+        Column("other thr CPU 2p", ".1f"),
+        Column("preempt/step 2p", ".1f"),
+    ]
+    print0(format_table(columns, table))
+    print0(
+        "(ms per step; added = 2p step - 1p step; BN colls = full - no BN sync; DDP = full - "
+        "no DDP all-reduce; shared cores = 2 processes without any collective - 1 process; ops: "
+        "the profiler's operator self time on the main thread (compute); other thr CPU: CPU "
+        "time of the process's other threads (gloo, DDP), taken from the compute threads' "
+        "cores; preempt: involuntary context switches of the main thread)"
+    )
+    return {"rows": rows, "command_2_processes": launches[2]["command"]}
+
+
 # --- contention, metadata, main ----------------------------------------------------------------
 
 
@@ -484,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
             WIDTH_MULTIPLIERS,
             (64,) if args.quick else WIDTH_BATCHES,
         )
+    if args.only in ("profile", "all") and s.device.type == "cpu":
+        report["profile"] = profile_section(s.plan, SCALING_BATCHES)
     report["contended"] = contention(s, report)
     report["targets"] = check_targets(report)
     report["meta"]["loadavg_at_end"] = os.getloadavg()

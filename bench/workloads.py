@@ -77,6 +77,7 @@ def trainer_step(cfg: RunConfig, accelerator, images: torch.Tensor) -> tuple[Ste
     def step() -> None:
         loop.step_all_ranks(next(count))
 
+    step.loop = loop  # for measurements that look inside (bench/profile_worker.py)
     return step, bn_sync
 
 

@@ -11,7 +11,11 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import (
+    DDPCommunicationHookType,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+)
 
 from pipeline.config import RunConfig
 from pipeline.distributed import cpu_threads_per_process, sync_batchnorm
@@ -19,6 +23,10 @@ from pipeline.ema import EMA
 from pipeline.errors import ConfigError
 from pipeline.models import build_models
 from pipeline.step import GANState, NonFiniteRecord, penalty_params
+
+
+DDP_BUCKET_CAP_MB = 64
+"""Larger than either network's gradients at the default widths (G 5.9 MB, D 5.3 MB)."""
 
 
 def make_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Accelerator:
@@ -42,9 +50,18 @@ def make_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Accel
         mixed_precision=cfg.train.mixed_precision,
         log_with=log_with or None,
         project_dir=cfg.output_dir,
-        # G's synchronized BN keeps buffers equal, so DDP need not broadcast them every step.
         kwargs_handlers=[
-            DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True),
+            DistributedDataParallelKwargs(
+                # G's synchronized BN keeps buffers equal: no broadcast of them every step.
+                broadcast_buffers=False,
+                gradient_as_bucket_view=True,
+                # One gradient all-reduce per network and phase (G and D are a few MB): DDP's
+                # default 1 MB first bucket adds a second, latency-bound one to each.
+                bucket_cap_mb=DDP_BUCKET_CAP_MB,
+                comm_hook=DDPCommunicationHookType(
+                    "no" if cfg.train.grad_compression == "none" else cfg.train.grad_compression
+                ),
+            ),
             InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
         ],
     )
@@ -91,7 +108,7 @@ def build_gan(cfg: RunConfig, accelerator: Accelerator) -> tuple[GANState, EMA |
         )
         G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
     if cfg.train.compile:
-        G, D = torch.compile(G), torch.compile(D)
+        G, D = (torch.compile(net, mode=cfg.train.compile_mode) for net in (G, D))
     penalized = penalty_params(
         accelerator.unwrap_model(D, keep_torch_compile=False), cfg.train.penalty_include_biases
     )

@@ -110,6 +110,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         logger.info(
             f"{self.world} process(es) on {self.device}, BatchNorm sync: {self.bn_sync}, "
+            f"gradient all-reduce: {cfg.train.grad_compression if self.world > 1 else 'none'}, "
             f"global batch {cfg.train.batch_size * self.world}, threads/process {torch.get_num_threads()}",
             main_process_only=True,
         )
