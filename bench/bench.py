@@ -4,7 +4,11 @@
     python bench/bench.py --only throughput        # trainer vs plain loop vs matmul limit
     python bench/bench.py --only scaling           # 1 -> 2 processes (trainer vs plain DDP
                                                    # peer), batch curve, width curve
+    python bench/bench.py --only profile           # where the 2-process step's time goes
     python bench/bench.py --quick                  # a smoke test: tiny repeat counts
+    python bench/bench.py --device cuda            # on a GPU, also: steps/s and MFU for each
+                                                   # torch.compile mode x fp32/bf16 x batch
+                                                   # 64..16384 (--only device for that alone)
     python bench/bench.py --device cuda --precision bf16 --compile
     BENCH_JSON=runs/bench-cpu.json make bench      # where the JSON goes (default bench.json)
 
@@ -61,7 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--only", choices=("throughput", "scaling", "profile", "all"), default="all")
+    p.add_argument(
+        "--only", choices=("throughput", "scaling", "profile", "device", "all"), default="all"
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak dense TFLOP/s for MFU (default: a table of known GPUs)",
+    )
     p.add_argument(
         "--quick", action="store_true", help="tiny repeat counts and fewer sizes (smoke test)"
     )
@@ -460,6 +472,97 @@ def profile_section(plan: Plan, batches: tuple[int, ...]) -> dict:
     return {"rows": rows, "command_2_processes": launches[2]["command"]}
 
 
+DEVICE_BATCHES = (64, 256, 1024, 4096, 16384)
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
+# Peak dense TFLOP/s (no sparsity) by GPU name, for MFU: (float32 without TF32, bf16).
+PEAK_TFLOPS = {
+    "H200": (67.0, 989.0),
+    "H100": (67.0, 989.0),
+    "A100": (19.5, 312.0),
+    "L40S": (91.6, 362.0),
+    "A10": (31.2, 125.0),
+}
+
+
+def peak_flops(device: torch.device, precision: str, override_tflops: float | None) -> float | None:
+    """The device's peak FLOP/s in ``precision``: ``--peak-tflops``, else the table; None
+    where unknown (a CPU, an unlisted GPU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (fp32, bf16) in PEAK_TFLOPS.items():
+        if key in name:
+            return (bf16 if precision in ("bf16", "fp16") else fp32) * 1e12
+    return None
+
+
+def device_section(
+    s: Session,
+    batches: tuple[int, ...],
+    modes: tuple[str | None, ...],
+    precisions: tuple[str, ...] = ("no", "bf16"),
+) -> list[dict]:
+    """Steps/s and MFU of the trainer step for each torch.compile mode (None: eager), precision
+    and per-device batch: what the host-sync-free step buys on a GPU (``reduce-overhead``
+    captures it in CUDA graphs). MFU counts the step's matmul FLOPs (bench/flops.py)."""
+    print0(f"\n== trainer step on {s.device}: compile modes x precision x batch ==")
+    fpi = trainer_flops_per_image(linear_shapes(s.config(64).model))
+    rows, table = [], []
+    for precision in precisions:
+        peak = peak_flops(s.device, precision, s.args.peak_tflops)
+        for mode in modes:
+            for b in batches:
+                progress(f"device: {precision}, compile {mode or 'off'}, batch {b}")
+                cfg = bench_config(
+                    b, precision, mode is not None, s.args.threads, compile_mode=mode or "default"
+                )
+                step = trainer_step(cfg, s.accelerator, s.images)[0]
+                t = measure_interleaved({"trainer": step}, b, s.device, s.plan)["trainer"]
+                del step
+                s.accelerator.free_memory()
+                achieved = t.images_per_s * fpi
+                row = {
+                    "precision": precision,
+                    "compile_mode": mode,
+                    "batch": b,
+                    "steps_per_s": t.images_per_s / b,
+                    "images_per_s": t.images_per_s,
+                    "tflop_per_s": achieved / 1e12,
+                    "mfu": achieved / peak if peak else None,
+                    "peak_tflops": peak / 1e12 if peak else None,
+                    "timing": t.to_dict(),
+                }
+                rows.append(row)
+                table.append(
+                    [
+                        precision,
+                        mode or "eager",
+                        b,
+                        row["steps_per_s"],
+                        row["images_per_s"],
+                        row["tflop_per_s"],
+                        row["mfu"],
+                    ]
+                )
+    columns = [
+        Column("precision"),
+        Column("compile"),
+        Column("batch"),
+        Column("steps/s", ".1f"),
+        Column("img/s", ".0f"),
+        Column("TFLOP/s", ".3f"),
+        Column("MFU", ".1%"),
+    ]
+    print0(format_table(columns, table))
+    print0(
+        "(MFU: the step's matmul FLOPs per second over the device's peak dense FLOP/s in that "
+        "precision (float32 without TF32); '-' where the peak is unknown: pass --peak-tflops)"
+    )
+    return rows
+
+
 # --- contention, metadata, main ----------------------------------------------------------------
 
 
@@ -477,6 +580,13 @@ def contention(s: Session, report: dict) -> list[str]:
                 other = run.get("other_cores")
                 if other is not None and other > CONTENDED_CORES:
                     busy.append(f"scaling {key} batch {row['batch']} round {n + 1}: {other:.2f}")
+    for row in report.get("device", []):
+        other = row["timing"].get("other_cores")
+        if other is not None and other > CONTENDED_CORES:
+            busy.append(
+                f"device {row['precision']} compile {row['compile_mode']} batch {row['batch']}: "
+                f"{other:.2f}"
+            )
     if busy:
         print0(
             f"\nCONTENDED: other processes kept > {CONTENDED_CORES} core busy during "
@@ -557,6 +667,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.only in ("profile", "all") and s.device.type == "cpu":
         report["profile"] = profile_section(s.plan, SCALING_BATCHES)
+    if args.only == "device" or (args.only == "all" and s.device.type == "cuda"):
+        report["device"] = device_section(
+            s,
+            (64, 1024) if args.quick else DEVICE_BATCHES,
+            COMPILE_MODES if s.device.type == "cuda" else (None,),
+        )
     report["contended"] = contention(s, report)
     report["targets"] = check_targets(report)
     report["meta"]["loadavg_at_end"] = os.getloadavg()

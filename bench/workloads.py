@@ -38,7 +38,12 @@ PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 
 
 def bench_config(
-    batch: int, precision: str = "no", compile: bool = False, threads: int = 0, width: int = 1
+    batch: int,
+    precision: str = "no",
+    compile: bool = False,
+    threads: int = 0,
+    width: int = 1,
+    compile_mode: str = "default",
 ) -> RunConfig:
     """The project's defaults (dropout 0.5, instance noise, L2 penalty on) at per-process batch
     ``batch`` and every hidden width times ``width``; no trackers, no eval, synthetic data (the
@@ -57,6 +62,7 @@ def bench_config(
         # quoted: YAML reads a bare `no` as the boolean false
         f"train.mixed_precision='{precision}'",
         f"train.compile={str(compile).lower()}",
+        f"train.compile_mode={compile_mode}",
         f"train.cpu_threads={threads}",
     ]
     return load_config(None, overrides)

@@ -291,3 +291,47 @@ def test_quick_scaling_bench_puts_the_plain_ddp_peer_next_to_the_trainer_in_its_
     assert "peer eff" in done.stdout and "trainer eff" in done.stdout
     targets = {t["target"] for t in json.loads(out.read_text())["targets"]}
     assert "trainer efficiency / plain DDP peer efficiency at batch 256" in targets
+
+
+@pytest.mark.slow
+def test_quick_device_section_reports_steps_per_second_and_no_mfu_without_a_known_peak(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "bench/bench.py", "--quick", "--only", "device", "--device", "cpu"],
+        cwd=ROOT,
+        env={**os.environ, "BENCH_JSON": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["device"]
+    assert [(r["precision"], r["compile_mode"], r["batch"]) for r in rows] == [
+        ("no", None, 64),
+        ("no", None, 1024),
+        ("bf16", None, 64),
+        ("bf16", None, 1024),
+    ]
+    for row in rows:
+        assert row["steps_per_s"] == pytest.approx(row["images_per_s"] / row["batch"])
+        assert row["mfu"] is None  # a CPU has no entry in the peak table
+    assert "steps/s" in done.stdout and "MFU" in done.stdout
+
+
+def test_mfu_uses_the_peak_of_the_precision_or_the_override():
+    from bench.bench import peak_flops
+
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, "no", None) is None
+    assert peak_flops(cpu, "bf16", 100.0) == 100e12
+
+
+def test_the_profile_counts_operator_time_and_other_threads_on_one_process():
+    from bench.profile_worker import profile_full
+
+    a = torch.randn(256, 256)
+    result = profile_full(lambda: a @ a, 5)
+    assert result["steps"] == 5 and result["operator_ms_per_step"] > 0
+    assert result["wall_ms_per_step"] >= result["operator_ms_per_step"] * 0.5
+    assert result["collective_issue_ms_per_step"] == 0
+    assert result["other_threads_cpu_ms_per_step"] >= 0
