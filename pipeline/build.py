@@ -24,7 +24,6 @@ from pipeline.errors import ConfigError
 from pipeline.models import build_models
 from pipeline.step import GANState, NonFiniteRecord, penalty_params
 
-
 DDP_BUCKET_CAP_MB = 64
 """Larger than either network's gradients at the default widths (G 5.9 MB, D 5.3 MB)."""
 
