@@ -307,8 +307,12 @@ def train_one(s: Settings, variant: Variant, seed: int) -> dict:
     """Train (or reuse) one run and measure it; returns its result row."""
     out = run_dir(s, variant, seed)
     result_file = out / "ablation-result.json"
-    if s.reuse and result_file.exists():
-        return json.loads(result_file.read_text())
+    steps = s.steps if variant.processes == 1 else s.multi_steps
+    if s.reuse and result_file.exists():  # only a run of these settings: steps and samples
+        row = json.loads(result_file.read_text())
+        done = json.loads((out / "summary.json").read_text())["steps"]
+        if done == steps and row.get("n_samples") == s.samples:
+            return row
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     if variant.processes > 1:
@@ -435,22 +439,17 @@ def tutorial_run(out: Path, seed: int, steps: int, samples: int, trackers: str) 
 # --- aggregation, verdicts, the report ---------------------------------------------------------
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def aggregate(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """Per variant: each metric's (mean, std, n) over its seeds."""
+    """Per variant: each metric's (mean, sample std, n) over the seeds where it is finite."""
     out: dict[str, dict] = {}
     for key in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == key]
         out[key] = {}
         for metric, _, _ in METRICS:
             values = [float(r[metric]) for r in mine if metric in r]
-            mean, std = mean_std(values)
+            values = [v for v in values if math.isfinite(v)]
+            mean = statistics.fmean(values) if values else math.nan
+            std = statistics.stdev(values) if len(values) > 1 else math.nan
             out[key][metric] = [mean, std, len(values)]
     return out
 
@@ -461,9 +460,9 @@ def verdict(on: list[float], off: list[float], better: str) -> tuple[str, float,
     refuted when it improves it by more, and not distinguishable otherwise."""
     (m_on, s_on, n_on), (m_off, s_off, n_off) = on, off
     diff = m_off - m_on if better == "lower" else m_on - m_off  # > 0: the technique helps
-    two_se = 2 * math.sqrt(s_on**2 / max(n_on, 1) + s_off**2 / max(n_off, 1))
-    if not math.isfinite(diff):
-        return "not measured", diff, two_se
+    if min(n_on, n_off) < 2 or not math.isfinite(diff):  # no spread to compare with
+        return "not measured", diff, math.nan
+    two_se = 2 * math.sqrt(s_on**2 / n_on + s_off**2 / n_off)
     if abs(diff) <= two_se:
         return "not distinguishable", diff, two_se
     return ("confirmed" if diff > 0 else "refuted"), diff, two_se
@@ -526,6 +525,8 @@ def report(s: Settings, rows: list[dict], wall_s: float) -> tuple[str, list[dict
     for c in CLAIMS:
         if c.on not in agg or c.off not in agg:
             continue
+        if s.ema_on_by_default and "ema" in (c.on, c.off):  # then (ema) is the EMA-off run
+            c = Claim(c.text, c.off, c.on, c.metric, c.measured_by)
         v, diff, two_se = verdict(agg[c.on][c.metric], agg[c.off][c.metric], better[c.metric])
         verdicts.append({"claim": c.text, "verdict": v, "difference": diff, "two_se": two_se})
         lines.append(

@@ -290,6 +290,16 @@ def curve_section(
     return out
 
 
+def _bf16_rate(two_process_launches: list[dict], index: int) -> float:
+    """Mean images/s of the 2-process trainer with bf16 gradient all-reduces (lossy; off by
+    default) over the launches; NaN where a launch did not time it."""
+    rates = [
+        run["results"][index].get("bf16_allreduce", {}).get("images_per_s", float("nan"))
+        for run in two_process_launches
+    ]
+    return sum(rates) / len(rates)
+
+
 def weak_scaling_section(plan: Plan, batches: tuple[int, ...], rounds: int) -> dict:
     """Launches of 1 and 2 processes take turns ``rounds`` times; each figure is the mean over
     the rounds of the launches' medians, so a slow spell does not land on one side only. Inside
@@ -333,6 +343,7 @@ def weak_scaling_section(plan: Plan, batches: tuple[int, ...], rounds: int) -> d
             "peer_efficiency": p2 / (2 * p1),
             "peer_efficiency_per_round": per_round("peer_results", index),
             "efficiency_over_peer": (t2 / (2 * t1)) / (p2 / (2 * p1)),
+            "bf16_allreduce_efficiency": _bf16_rate(launches[2], index) / (2 * t1),
             "trainer_over_peer_one_process": t1 / p1,
             "trainer_over_peer_two_processes": t2 / p2,
             "limit_one_process_images_per_s": l1,
@@ -360,6 +371,7 @@ def weak_scaling_section(plan: Plan, batches: tuple[int, ...], rounds: int) -> d
                 p2,
                 row["peer_efficiency"],
                 row["hardware_ceiling"],
+                row["bf16_allreduce_efficiency"],
                 rounds_text,
             ]
         )
@@ -372,6 +384,7 @@ def weak_scaling_section(plan: Plan, batches: tuple[int, ...], rounds: int) -> d
         Column("peer 2p", ".0f"),
         Column("peer eff", ".1%"),
         Column("ceiling", ".1%"),
+        Column("bf16 grads eff", ".1%"),
         Column("per round (trainer / peer)"),
     ]
     print0(format_table(columns, table))
@@ -382,7 +395,9 @@ def weak_scaling_section(plan: Plan, batches: tuple[int, ...], rounds: int) -> d
         "trainer step; peer: the same GAN as a plain DDP loop (DDP-wrapped G and D, BatchNorm "
         "not synchronized, DistributedSampler DataLoader, tutorial step); ceiling = the same "
         "ratio for the trainer step's matmuls alone, in 2 processes that never communicate: what "
-        f"this machine allows; {rounds} round(s) of launches, 1 and 2 in turn)"
+        "this machine allows; bf16 grads eff: the trainer with train.grad_compression=bf16 "
+        "(lossy, off by default) over the 1-process trainer; "
+        f"{rounds} round(s) of launches, 1 and 2 in turn)"
     )
     peer = two["peer_results"][0]
     print0(
@@ -509,6 +524,8 @@ def device_section(
     captures it in CUDA graphs). MFU counts the step's matmul FLOPs (bench/flops.py)."""
     print0(f"\n== trainer step on {s.device}: compile modes x precision x batch ==")
     fpi = trainer_flops_per_image(linear_shapes(s.config(64).model))
+    # Pixel values do not change an MLP's cost: enough images for one batch of the largest.
+    images = torch.rand(max(batches), 784, device=s.device) * 2 - 1
     rows, table = [], []
     for precision in precisions:
         peak = peak_flops(s.device, precision, s.args.peak_tflops)
@@ -518,7 +535,10 @@ def device_section(
                 cfg = bench_config(
                     b, precision, mode is not None, s.args.threads, compile_mode=mode or "default"
                 )
-                step = trainer_step(cfg, s.accelerator, s.images)[0]
+                # Every configuration compiles afresh: dynamo's per-function cache would hit
+                # its recompile limit across modes, precisions and batches and fall back to eager.
+                torch._dynamo.reset()
+                step = trainer_step(cfg, s.accelerator, images)[0]
                 t = measure_interleaved({"trainer": step}, b, s.device, s.plan)["trainer"]
                 del step
                 s.accelerator.free_memory()

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a file: the repository root must win ove
 
 import torch
 from accelerate.utils.other import get_free_port
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from bench.timing import Plan, measure_interleaved
 from bench.workloads import bench_config, ddp_peer_step, limit_step_for, trainer_step
@@ -108,8 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         peer, peer_G, _ = ddp_peer_step(cfg, device, images)
         peer_bn = sorted({type(m).__name__ for m in peer_G.modules() if "Norm" in type(m).__name__})
         steps = {"trainer": trainer, "peer": peer, "limit": limit_step_for(cfg, device)}
+        if world > 1:  # train.grad_compression=bf16, as Accelerate registers it, for its speed
+            compressed, _ = trainer_step(cfg, accelerator, images)
+            for net in (compressed.loop.state.G, compressed.loop.state.D):
+                net.register_comm_hook(None, default_hooks.bf16_compress_hook)
+            steps["trainer_bf16_allreduce"] = compressed
         timings = measure_interleaved(steps, b * world, device, plan, agree)
         results.append({"batch": b, "batchnorm_sync": bn_sync, **timings["trainer"].to_dict()})
+        if "trainer_bf16_allreduce" in timings:
+            results[-1]["bf16_allreduce"] = timings["trainer_bf16_allreduce"].to_dict()
         peers.append(
             {
                 "batch": b,
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         limits.append({"batch": b, **timings["limit"].to_dict()})
-        del steps, trainer, peer, peer_G
+        del steps, trainer, peer, peer_G, timings
         accelerator.free_memory()
     if accelerator.is_main_process:
         atomic_write_text(

@@ -39,6 +39,14 @@ def make_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Accel
             "config error: train.mixed_precision=fp16 needs a GPU (Accelerate has no fp16 on the "
             "CPU); use train.mixed_precision=bf16 on the CPU"
         )
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not cpu and several and parse_flag_from_env("TORCH_NCCL_NAN_CHECK"):
+        # A non-finite loss reaches every rank as NaN in the gradient all-reduce (step.py):
+        # NCCL's NaN check would abort the job there instead of skipping or stopping cleanly.
+        raise ConfigError(
+            "config error: TORCH_NCCL_NAN_CHECK=1 aborts the job on the NaN gradients that carry "
+            "a non-finite loss to every rank (train.on_nonfinite); unset TORCH_NCCL_NAN_CHECK"
+        )
     threads = cpu_threads_per_process(cfg.train.cpu_threads)
     if cpu:
         # Processes x threads = cores, whatever OMP_NUM_THREADS said; set before the Accelerator

@@ -27,7 +27,7 @@ TRACKERS = ("wandb", "tensorboard", "none")
 PRECISIONS = ("no", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-GRAD_COMPRESSIONS = ("none", "fp16", "bf16")
+GRAD_COMPRESSIONS = ("none", "bf16")
 INT64_MAX = 2**63 - 1
 
 
@@ -105,11 +105,13 @@ class TrainConfig:
     compile: bool = False
     """Compile G and D with torch.compile."""
     compile_mode: str = "default"
-    """torch.compile mode with compile=true: default, reduce-overhead (CUDA graphs: the step has
-    no host sync to break them) or max-autotune."""
+    """torch.compile mode with compile=true: default, reduce-overhead (CUDA graphs) or
+    max-autotune."""
     grad_compression: str = "none"
-    """DDP gradient all-reduce in none (float32), fp16 or bf16 (Accelerate's communication
-    hooks: half the bytes on the wire, lossy, so it changes results; see docs/ablation.md)."""
+    """DDP gradient all-reduce in none (float32) or bf16 (Accelerate's communication hook: half
+    the bytes on the wire; lossy, so off by default; its FID is docs/ablation.md's i32-bf16).
+    fp16 is refused: its hook casts before dividing by the world size, so gradients above
+    65504 overflow."""
     cpu_threads: int = 0
     """Intra-op threads per process on CPU; 0 divides the cores evenly among local processes."""
     on_nonfinite: str = "stop"
@@ -309,6 +311,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         "one of " + ", ".join(COMPILE_MODES),
         t.compile_mode,
     )
+    if t.grad_compression == "fp16":
+        raise ConfigError(
+            "config error: train.grad_compression=fp16 is refused: the fp16 hook casts each "
+            "gradient before dividing by the world size, so values above 65504 overflow; use "
+            "train.grad_compression=bf16"
+        )
     _require(
         t.grad_compression in GRAD_COMPRESSIONS,
         "train.grad_compression",

@@ -180,8 +180,14 @@ class ShardedBatches:
 
     def _make_shard(self) -> torch.Tensor:
         g = seeded_generator(self.seed, "data-order", self.epoch)
-        perm = torch.randperm(self.num_items, generator=g)
-        return perm[self.rank :: self.world_size][: self.per_rank].to(self.device)
+        perm = torch.randperm(self.num_items, generator=g)  # on the CPU: device-independent
+        shard = perm[self.rank :: self.world_size][: self.per_rank]
+        if self.device.type != "cuda":
+            return shard.to(self.device)
+        # From pinned memory without blocking: a pageable copy would wait for the GPU's queue
+        # (a host sync at every epoch boundary). The allocator keeps the pinned block until
+        # the copy has run.
+        return shard.pin_memory().to(self.device, non_blocking=True)
 
     def next_indices(self) -> torch.Tensor:
         if self.position >= self.batches_per_epoch:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +80,12 @@ def raise_recorded(values: list[float], cfg: TrainConfig, scale: float | None) -
             "lower the learning rates, or set train.on_nonfinite=skip to skip such updates"
         )
     if math.isfinite(first_overflow_limit):
+        # An overflow here is a skip under finite losses on this rank; another rank's
+        # non-finite loss skips the same update and counts here too.
         raise NonFiniteError(
             f"{cfg.max_overflow_skips + 1} fp16 overflows in a row at step "
-            f"{int(first_overflow_limit)} (loss scale now {scale:.3g}); lower the learning "
-            "rates, or use train.mixed_precision=bf16"
+            f"{int(first_overflow_limit)} (updates skipped by the loss scaler, loss scale now "
+            f"{scale:.3g}); lower the learning rates, or use train.mixed_precision=bf16"
         )
 
 
@@ -99,8 +101,14 @@ class GANState:
     """D's parameters under the L2 penalty (weights, and biases when configured)."""
     scaler: torch.amp.GradScaler | None = None
     """The fp16 loss scaler shared by both optimizers (None without fp16)."""
-    record: NonFiniteRecord = field(default_factory=lambda: NonFiniteRecord.empty("cpu"))
-    """Non-finite values and fp16 overflows seen so far, on the device."""
+    record: NonFiniteRecord | None = None
+    """Non-finite values and fp16 overflows seen so far, on the networks' device (made there
+    when not given)."""
+
+    def __post_init__(self) -> None:
+        if self.record is None:
+            device = next(iter(_inner(self.opt_D).param_groups[0]["params"])).device
+            self.record = NonFiniteRecord.empty(device)
 
 
 def instance_noise_std(cfg: TrainConfig, step: int) -> float:
@@ -124,9 +132,10 @@ def _add_noise(x: torch.Tensor, std: float) -> torch.Tensor:
 
 
 def _grad_norm(params) -> torch.Tensor:
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=params[0].device if params else "cpu")
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 

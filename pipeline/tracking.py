@@ -92,10 +92,12 @@ def wandb_mode() -> str:
 
 
 def new_run_id() -> str:
-    """A fresh run's id: the one a wandb sweep agent (or the user) set in WANDB_RUN_ID, so the
-    run joins its sweep; else 8 random base-36 characters, wandb's format."""
-    if os.environ.get("WANDB_RUN_ID", "").strip():
-        return os.environ["WANDB_RUN_ID"].strip()
+    """A fresh run's id: under a wandb sweep agent (WANDB_SWEEP_ID set) the WANDB_RUN_ID it
+    assigned, so the run joins its sweep; else 8 random base-36 characters, wandb's format (a
+    WANDB_RUN_ID left in a shell must not make unrelated runs share one id)."""
+    run_id = os.environ.get("WANDB_RUN_ID", "").strip()
+    if run_id and os.environ.get("WANDB_SWEEP_ID", "").strip():
+        return run_id
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
 

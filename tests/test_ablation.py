@@ -31,14 +31,15 @@ def _cell(mean: float, std: float, n: int = 3) -> list[float]:
         (_cell(50, 5), _cell(54, 5), "lower", "not distinguishable"),  # 4 < 2 SE (8.2)
         (_cell(0.6, 0.01), _cell(0.5, 0.01), "higher", "confirmed"),
         (_cell(math.nan, 0), _cell(1, 0), "lower", "not measured"),
+        (_cell(50.0, math.nan, 1), _cell(50.5, math.nan, 1), "lower", "not measured"),  # 1 seed
     ],
 )
 def test_a_claim_is_decided_by_two_standard_errors_of_the_difference(on, off, better, expected):
     assert ablation.verdict(on, off, better)[0] == expected
 
 
-def test_aggregate_gives_mean_and_sample_std_over_seeds():
-    rows = [{"variant": "a", "fid": v} for v in (10.0, 12.0, 14.0)]
+def test_aggregate_gives_mean_and_sample_std_over_the_seeds_where_a_metric_is_finite():
+    rows = [{"variant": "a", "fid": v} for v in (10.0, 12.0, 14.0, math.nan)]
     mean, std, n = ablation.aggregate(rows)["a"]["fid"]
     assert (mean, n) == (12.0, 3) and std == pytest.approx(2.0)
 
@@ -143,6 +144,9 @@ def test_every_sweep_parameter_is_a_config_key_with_valid_values(monkeypatch):
 
 def test_a_sweep_run_takes_the_run_id_its_agent_assigned(monkeypatch):
     monkeypatch.setenv("WANDB_RUN_ID", "sweep001")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abcd1234")
     assert new_run_id() == "sweep001"
+    monkeypatch.delenv("WANDB_SWEEP_ID")  # a WANDB_RUN_ID left in a shell is not a sweep's
+    assert new_run_id() != "sweep001"
     monkeypatch.delenv("WANDB_RUN_ID")
     assert new_run_id() != new_run_id() and len(new_run_id()) == 8

@@ -62,6 +62,10 @@ def test_every_shipped_preset_loads():
         (["model.g_hidden=[]"], "model.g_hidden"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
         (["model.ema_decay=1.0"], "model.ema_decay"),
+        (["train.check_every=0"], "train.check_every"),
+        (["train.compile_mode=fastest"], "train.compile_mode"),
+        (["train.grad_compression=int8"], "train.grad_compression"),
+        (["train.grad_compression=fp16"], "train.grad_compression"),
     ],
 )
 def test_each_config_error_names_its_key(overrides, key):
@@ -318,3 +322,24 @@ def test_mixed_precision_no_survives_yaml_reading_it_as_false(tmp_path):
     preset.write_text("train:\n  mixed_precision: no\n")
     assert load_config(preset).train.mixed_precision == "no"
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_fp16_gradient_compression_is_refused_saying_why_and_what_to_use():
+    with pytest.raises(ConfigError, match="overflow; use train.grad_compression=bf16"):
+        load_config(None, ["train.grad_compression=fp16"])
+
+
+def test_nccl_nan_check_is_refused_before_start_on_several_gpus(monkeypatch):
+    """A non-finite loss reaches the other ranks as NaN gradients; NCCL's NaN check would abort
+    the job on them, so it is refused in one line before anything starts."""
+    import torch
+
+    from pipeline.build import make_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("TORCH_NCCL_NAN_CHECK", "1")
+    with pytest.raises(ConfigError, match="unset TORCH_NCCL_NAN_CHECK") as info:
+        make_accelerator(load_config(None, []))
+    assert "\n" not in str(info.value)
