@@ -83,16 +83,24 @@ VARIANTS = (
     Variant("d", "no instance noise", ("train.instance_noise_std=0",)),
     Variant("e", "no L2 penalty", ("train.d_weight_penalty=0",)),
     Variant("f", "all four off", ALL_OFF),
-    Variant("g", "reference values, no EMA", (*REFERENCE, *REFERENCE_NOISE, "model.ema_decay=0")),
+    Variant(
+        "g",
+        "reference values, no EMA",
+        ("model.d_dropout=0.5", *REFERENCE, *REFERENCE_NOISE, "model.ema_decay=0"),
+    ),
     Variant(
         "old",
         "previous defaults (L2 1e-5 without biases, noise annealed to 0)",
         (
+            "model.d_dropout=0.5",
             "train.d_weight_penalty=1e-5",
             "train.penalty_include_biases=false",
             "NOISE_ANNEALED_OVER_RUN",
         ),
     ),
+    Variant("p10", "Dropout 0.1 in D", ("model.d_dropout=0.1",)),
+    Variant("p25", "Dropout 0.25 in D", ("model.d_dropout=0.25",)),
+    Variant("p50", "Dropout 0.5 in D (the reference)", ("model.d_dropout=0.5",)),
     Variant("h", "tutorial loop (reference values)", (*REFERENCE, *REFERENCE_NOISE), tutorial=True),
     Variant("ema", "default, EMA toggled", ("EMA_TOGGLE",)),
     Variant("i8-sync", "2 procs x 8, synchronized BN", processes=2, batch_size=8),
@@ -286,32 +294,50 @@ def _command(s: Settings, variant: Variant, seed: int) -> list[str]:
     return [*launch, str(get_free_port()), train, *args]
 
 
-def same_config(s: Settings, key: str, other: str) -> bool:
-    """Whether two trainer variants train the very same run (paths and tracker names aside)."""
+def _training_config(s: Settings, variant: Variant, seed: int = 0) -> dict | None:
+    """The resolved run config of a trainer variant without its paths and tracker names (None
+    for the tutorial loop): what decides the training itself."""
     from pipeline.config import load_config, to_dict
 
-    def resolved(k: str) -> dict | None:
-        v = BY_KEY[k]
-        if v.tutorial:
-            return None
-        cfg = to_dict(load_config(PRESET, _trainer_overrides(s, v, 0)))
-        cfg.pop("output_dir")
-        cfg.pop("log")
-        return {**cfg, "processes": v.processes}
+    if variant.tutorial:
+        return None
+    cfg = to_dict(load_config(PRESET, _trainer_overrides(s, variant, seed)))
+    cfg.pop("output_dir")
+    cfg.pop("log")
+    return {**cfg, "processes": variant.processes}
 
-    a = resolved(key)
-    return a is not None and a == resolved(other)
+
+def same_config(s: Settings, key: str, other: str) -> bool:
+    """Whether two trainer variants train the very same run (paths and tracker names aside)."""
+    a = _training_config(s, BY_KEY[key])
+    return a is not None and a == _training_config(s, BY_KEY[other])
+
+
+def _reusable(s: Settings, variant: Variant, seed: int, out: Path, row: dict) -> bool:
+    """Whether a finished run in ``out`` is the run asked for now: the same steps and samples
+    and, for the trainer, the same resolved config (a changed default retrains it)."""
+    from pipeline.config import load_config, to_dict
+
+    steps = s.steps if variant.processes == 1 else s.multi_steps
+    done = json.loads((out / "summary.json").read_text())["steps"]
+    if done != steps or row.get("n_samples") != s.samples:
+        return False
+    wanted = _training_config(s, variant, seed)
+    if wanted is None:
+        return True
+    stored = to_dict(load_config(out / "config.yaml"))
+    stored.pop("output_dir")
+    stored.pop("log")
+    return {**stored, "processes": variant.processes} == wanted
 
 
 def train_one(s: Settings, variant: Variant, seed: int) -> dict:
     """Train (or reuse) one run and measure it; returns its result row."""
     out = run_dir(s, variant, seed)
     result_file = out / "ablation-result.json"
-    steps = s.steps if variant.processes == 1 else s.multi_steps
-    if s.reuse and result_file.exists():  # only a run of these settings: steps and samples
+    if s.reuse and result_file.exists():
         row = json.loads(result_file.read_text())
-        done = json.loads((out / "summary.json").read_text())["steps"]
-        if done == steps and row.get("n_samples") == s.samples:
+        if _reusable(s, variant, seed, out, row):
             return row
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}

@@ -121,9 +121,10 @@ class TrainConfig:
     after this many consecutive overflow steps (the scale would be 2^-50 of where it started)."""
     check_every: int = 10
     """Steps between the ranks' agreements on stopping (a preemption signal, a non-finite value,
-    too many fp16 overflows), the loop's only host sync between log intervals; also at every
-    log, sample, checkpoint and evaluation step. 10 keeps a SIGTERM's wait under a second at
-    the default batch (about 20 steps/s on 2 CPU cores; far more on a GPU)."""
+    too many fp16 overflows), the loop's only host sync of its own between log intervals (on
+    several GPUs torch's SyncBatchNorm adds one per BN layer); also at every log, sample,
+    checkpoint and evaluation step. 10 keeps a SIGTERM's wait under a second at the default
+    batch (measured 17-20 steps/s on 1 and 2 CPU processes; far more on a GPU)."""
     collective_timeout_s: float = 300.0
     """Seconds a rank waits in one collective before the job fails: a frozen or dead peer ends
     the job in minutes, not gloo/NCCL's 30/10-minute defaults. Must exceed the longest wait on
