@@ -89,6 +89,9 @@ class TrainConfig:
     """Adam learning rate of the discriminator."""
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     """Adam betas, shared by both networks."""
+    g_step_dropout: bool = True
+    """Whether D's dropout is also on in the G phase, as in the tutorial's loop; false: G's
+    gradient comes through D without dropout, while D's own update keeps it."""
     instance_noise_std: float = 0.1
     """Std of the Gaussian noise added to D's inputs, real and fake; 0 switches it off."""
     instance_noise_decay_steps: int = 0

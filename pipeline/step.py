@@ -152,6 +152,20 @@ def _poisoned_if_nonfinite(loss: torch.Tensor, finite: torch.Tensor) -> torch.Te
 
 
 @contextlib.contextmanager
+def without_dropout(module: nn.Module):
+    """``module``'s Dropout layers in eval mode (identity) inside the block; nothing else of it
+    changes mode."""
+    layers = [m for m in module.modules() if isinstance(m, nn.Dropout) and m.training]
+    for m in layers:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.train()
+
+
+@contextlib.contextmanager
 def frozen(module: nn.Module):
     """No gradient for ``module``'s parameters inside the block."""
     flags = [p.requires_grad for p in module.parameters()]
@@ -270,11 +284,13 @@ def g_phase(
     """Update G through the freshly updated D, reusing the D phase's fake batch.
 
     D is frozen (no weight gradients) and outside DDP sync (nothing of D is all-reduced);
-    G's gradients are all-reduced as usual. Returns the statistics and whether this rank saw a
-    non-finite loss.
+    G's gradients are all-reduced as usual. With ``g_step_dropout`` off, D's dropout is off
+    here: G learns through the whole D, while D's own update keeps its dropout. Returns the
+    statistics and whether this rank saw a non-finite loss.
     """
     std = instance_noise_std(cfg, step)
-    with frozen(s.D), accelerator.no_sync(s.D), accelerator.autocast():
+    dropout = contextlib.nullcontext() if cfg.g_step_dropout else without_dropout(s.D)
+    with frozen(s.D), accelerator.no_sync(s.D), dropout, accelerator.autocast():
         logits = s.D(_add_noise(fake, std)).float()
     loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
     finite_here = torch.isfinite(loss)

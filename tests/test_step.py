@@ -293,3 +293,18 @@ def test_l2_penalty_excludes_biases_unless_asked():
     names = {id(p): n for n, p in D.named_parameters()}
     assert all(not names[id(p)].endswith("bias") for p in penalty_params(D, include_biases=False))
     assert len(penalty_params(D, include_biases=True)) == len(list(D.parameters()))
+
+
+def test_without_dropout_switches_off_only_the_dropout_layers_and_restores_them():
+    from pipeline.models import Discriminator
+    from pipeline.step import without_dropout
+
+    D = Discriminator(_cfg([]).model).train()
+    x = torch.randn(8, 784)
+    with without_dropout(D):
+        assert torch.equal(D(x), D(x)), "no dropout: the same input gives the same output"
+        assert D.training and all(
+            m.training for m in D.modules() if not isinstance(m, torch.nn.Dropout)
+        )
+    assert all(m.training for m in D.modules())
+    assert not torch.equal(D(x), D(x)), "dropout is back on after the block"
