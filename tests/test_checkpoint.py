@@ -434,6 +434,14 @@ def _two_process_scenarios(rank: int, world: int, root: Path) -> dict:
     finally:
         Trainer._average_running_statistics_all_ranks = real_average
     results["per_replica_bn"]["bn_sync"] = results["per_replica_bn"]["trainer"].bn_sync
+    results["bf16_grads"] = _rank_run(root / "bf16", "train.steps=4", "train.grad_compression=bf16")
+    results["bf16_grads"]["hooks"] = [
+        net._get_ddp_logging_data().get("comm_hook")
+        for net in (
+            results["bf16_grads"]["trainer"].state.G,
+            results["bf16_grads"]["trainer"].state.D,
+        )
+    ]
     results["per_replica_bn"]["before_average"] = before
     results["skip"]["trainer"].close()
     for run in results.values():
@@ -509,6 +517,16 @@ def test_a_stop_signal_reaching_one_rank_only_stops_every_rank_at_the_same_step(
         assert summary["steps"] == 2 * CHECK_EVERY
     assert latest(root / "signal") == ckpt.step_dir_name(2 * CHECK_EVERY)
     ckpt.verify(checkpoint_dir(root / "signal", 2 * CHECK_EVERY))
+
+
+def test_bf16_gradient_compression_trains_two_ranks_alike_and_checkpoints(two_processes):
+    ranks = [r["bf16_grads"] for r in two_processes["ranks"]]
+    for r in ranks:
+        assert r["summary"]["steps"] == 4
+        assert all("bf16" in str(hook).lower() for hook in r["hooks"]), r["hooks"]
+    # The compressed all-reduce gives every rank the same averaged gradient.
+    assert_bitwise_equal(ranks[1]["state"], ranks[0]["state"], "rank 1 vs rank 0, bf16 grads")
+    ckpt.verify(checkpoint_dir(two_processes["root"] / "bf16", 4))
 
 
 def test_per_replica_batchnorm_trains_and_saves_the_mean_of_the_ranks_running_statistics(
