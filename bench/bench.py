@@ -1,9 +1,10 @@
 """Benchmark of the trainer step against a tutorial-style loop and the matmul-only limit.
 
     make bench                                     # everything: throughput, then scaling
-    python bench/bench.py --only throughput        # trainer vs plain loop vs matmul limit
+    python bench/bench.py --only throughput        # trainer vs plain loop vs matmul limit,
+                                                   # batch curve, width curve
     python bench/bench.py --only scaling           # 1 -> 2 processes (trainer vs plain DDP
-                                                   # peer), batch curve, width curve
+                                                   # peer)
     python bench/bench.py --only profile           # where the 2-process step's time goes
     python bench/bench.py --quick                  # a smoke test: tiny repeat counts
     python bench/bench.py --device cuda            # on a GPU, also: steps/s and MFU for each
@@ -669,6 +670,13 @@ def main(argv: list[str] | None = None) -> int:
         report["throughput"] = throughput_section(
             s, (64, 256) if args.quick else THROUGHPUT_BATCHES
         )
+        # Single-process, all threads, like the throughput figures (whose timings it reuses).
+        report["curves"] = curve_section(
+            s,
+            (64, 256) if args.quick else CURVE_BATCHES,
+            WIDTH_MULTIPLIERS,
+            (64,) if args.quick else WIDTH_BATCHES,
+        )
     if args.only in ("scaling", "all"):
         if s.device.type == "cpu":
             report["weak_scaling"] = weak_scaling_section(
@@ -679,18 +687,12 @@ def main(argv: list[str] | None = None) -> int:
                 "\n(weak scaling is measured on CPU processes; skipped on a CUDA device: "
                 "use --device cpu)"
             )
-        report["curves"] = curve_section(
-            s,
-            (64, 256, 1024) if args.quick else CURVE_BATCHES,
-            WIDTH_MULTIPLIERS,
-            (64,) if args.quick else WIDTH_BATCHES,
-        )
     if args.only in ("profile", "all") and s.device.type == "cpu":
         report["profile"] = profile_section(s.plan, SCALING_BATCHES)
     if args.only == "device" or (args.only == "all" and s.device.type == "cuda"):
         report["device"] = device_section(
             s,
-            (64, 1024) if args.quick else DEVICE_BATCHES,
+            (64, 256) if args.quick else DEVICE_BATCHES,
             COMPILE_MODES if s.device.type == "cuda" else (None,),
         )
     report["contended"] = contention(s, report)

@@ -249,7 +249,15 @@ def test_quick_throughput_bench_runs_and_writes_its_json(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report) == {"meta", "plan", "flop_check", "throughput", "contended", "targets"}
+    assert set(report) == {
+        "meta",
+        "plan",
+        "flop_check",
+        "throughput",
+        "curves",
+        "contended",
+        "targets",
+    }
     assert [row["batch"] for row in report["throughput"]] == [64, 256]
     for row in report["throughput"]:
         for what in ("trainer", "plain", "limit"):
@@ -258,6 +266,12 @@ def test_quick_throughput_bench_runs_and_writes_its_json(tmp_path):
         assert row["trainer_over_plain"] == pytest.approx(ratio)
     for check in report["flop_check"].values():
         assert check["counted_by_torch"] == check["listed"] == check["closed_form"]
+    # The cost curves: x1 at the throughput batches (the same timings), x2 at batch 64.
+    curves = report["curves"]
+    assert [(r["width_multiplier"], r["batch"]) for r in curves["batch"]] == [(1, 64), (1, 256)]
+    assert [(r["width_multiplier"], r["batch"]) for r in curves["width"]] == [(1, 64), (2, 64)]
+    assert curves["batch"][0]["trainer"] == report["throughput"][0]["trainer"]
+    assert curves["width"][1]["flop_per_image"] > curves["width"][0]["flop_per_image"]
     assert report["meta"]["quick"] is True and report["meta"]["device"] == "cpu"
     assert "trainer img/s" in done.stdout and "== targets" in done.stdout
 
@@ -308,9 +322,9 @@ def test_quick_device_section_reports_steps_per_second_and_no_mfu_without_a_know
     rows = json.loads(out.read_text())["device"]
     assert [(r["precision"], r["compile_mode"], r["batch"]) for r in rows] == [
         ("no", None, 64),
-        ("no", None, 1024),
+        ("no", None, 256),
         ("bf16", None, 64),
-        ("bf16", None, 1024),
+        ("bf16", None, 256),
     ]
     for row in rows:
         assert row["steps_per_s"] == pytest.approx(row["images_per_s"] / row["batch"])
