@@ -45,7 +45,7 @@ def bench_config(
     width: int = 1,
     compile_mode: str = "default",
 ) -> RunConfig:
-    """The project's defaults (dropout 0.5, instance noise, L2 penalty on) at per-process batch
+    """The project's defaults (Dropout 0.1, instance noise, L2 penalty on) at per-process batch
     ``batch`` and every hidden width times ``width``; no trackers, no eval, synthetic data (the
     pixel values do not change the cost of an MLP step)."""
     base = load_config(None)

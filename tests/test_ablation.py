@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -42,6 +43,31 @@ def test_aggregate_gives_mean_and_sample_std_over_the_seeds_where_a_metric_is_fi
     rows = [{"variant": "a", "fid": v} for v in (10.0, 12.0, 14.0, math.nan)]
     mean, std, n = ablation.aggregate(rows)["a"]["fid"]
     assert (mean, n) == (12.0, 3) and std == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("ema_fids", "ema_on_by_default", "expected"),
+    [
+        ((70.0, 72.0, 74.0), False, "PASS"),  # the EMA run (ema) is better than the live (a)
+        ((80.0, 81.0, 82.0), False, "PASS"),  # worse by 9, within two standard errors (9.3)
+        ((99.0, 100.0, 101.0), False, "MISS"),  # worse by more than two standard errors
+        ((99.0, 100.0, 101.0), True, "PASS"),  # (ema) is then the EMA-off run, and worse
+    ],
+)
+def test_targets_judge_the_default_and_the_ema_against_the_live_generator(
+    ema_fids, ema_on_by_default, expected
+):
+    default = [(72.0, 0.55, 10, 0.03), (80.0, 0.5, 10, 0.04), (64.0, 0.6, 10, 0.02)]
+    rows = [
+        {"variant": "a", "fid": f, "recall": r, "classes_covered": c, "class_kl": kl}
+        for f, r, c, kl in default
+    ] + [{"variant": "ema", "fid": f} for f in ema_fids]
+    settings = SimpleNamespace(ema_on_by_default=ema_on_by_default)
+    lines = ablation.targets(settings, rows, ablation.aggregate(rows))
+    assert "10/10 classes on every seed: [10, 10, 10]: **PASS**" in lines[0]
+    assert lines[1].endswith("0.030: **PASS**")
+    assert "FID <= 45" in lines[2] and lines[2].endswith("**MISS**")  # FID 72.0
+    assert "EMA is no worse" in lines[3] and lines[3].endswith(f"**{expected}**")
 
 
 def test_every_claim_compares_variants_that_exist_on_a_declared_metric():
