@@ -176,3 +176,15 @@ def test_a_sweep_run_takes_the_run_id_its_agent_assigned(monkeypatch):
     assert new_run_id() != "sweep001"
     monkeypatch.delenv("WANDB_RUN_ID")
     assert new_run_id() != new_run_id() and len(new_run_id()) == 8
+
+
+def test_the_sweep_switches_each_technique_between_its_default_strength_and_off():
+    params = _sweep()["parameters"]
+    default = load_config(ROOT / "configs" / "mnist5k.yaml")
+    for key, on in (
+        ("model.g_batchnorm", default.model.g_batchnorm),
+        ("model.d_dropout", default.model.d_dropout),
+        ("train.instance_noise_std", default.train.instance_noise_std),
+        ("train.d_weight_penalty", default.train.d_weight_penalty),
+    ):
+        assert params[key]["values"] == [on, type(on)(0)], key
