@@ -188,3 +188,54 @@ def test_the_sweep_switches_each_technique_between_its_default_strength_and_off(
         ("train.d_weight_penalty", default.train.d_weight_penalty),
     ):
         assert params[key]["values"] == [on, type(on)(0)], key
+
+
+def test_reuse_keeps_a_tutorial_run_only_if_it_was_trained_with_todays_values(tmp_path):
+    s = ablation.Settings(
+        steps=30,
+        multi_steps=30,
+        seeds=[0],
+        samples=500,
+        jobs=1,
+        trackers="none",
+        out_dir=tmp_path,
+        runs_dir=tmp_path,
+        reuse=True,
+    )
+    h = ablation.BY_KEY["h"]
+    out = tmp_path / "h" / "seed-0"
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"steps": 30}))
+    row = {"n_samples": 500}
+    assert not ablation._reusable(s, h, 0, out, row)  # no record of its values: retrain
+    stored = ablation._tutorial_config(0)
+    assert stored["model"]["d_dropout"] == 0.5  # the reference design's, not today's default
+    (out / "tutorial-config.json").write_text(json.dumps(stored))
+    assert ablation._reusable(s, h, 0, out, row)
+    stored["model"]["d_dropout"] = 0.1
+    (out / "tutorial-config.json").write_text(json.dumps(stored))
+    assert not ablation._reusable(s, h, 0, out, row)
+    assert not ablation._reusable(s, h, 0, out, {"n_samples": 5000})  # other sample count
+
+
+def test_a_child_run_does_not_inherit_a_launchers_rank_variables(tmp_path, monkeypatch):
+    """`make ablation` started under torchrun or srun: each run must still be its own job."""
+    for name, value in (
+        ("RANK", "3"),
+        ("WORLD_SIZE", "8"),
+        ("MASTER_ADDR", "n1"),
+        ("PMI_SIZE", "8"),
+    ):
+        monkeypatch.setenv(name, value)
+    seen = {}
+
+    def call(cmd, env, **_):
+        seen.update(env)
+        return 1  # stop there: a failed run
+
+    monkeypatch.setattr(ablation.subprocess, "call", call)
+    s = ablation.Settings(30, 30, [0], 500, 1, "none", tmp_path, tmp_path, reuse=False)
+    with pytest.raises(RuntimeError, match="run a seed 0 failed"):
+        ablation.train_one(s, ablation.BY_KEY["a"], 0)
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "PMI_SIZE"} & set(seen)
+    assert seen["OMP_NUM_THREADS"] == "1" and "PATH" in seen
