@@ -115,7 +115,8 @@ class TrainConfig:
     max-autotune."""
     grad_compression: str = "none"
     """DDP gradient all-reduce in none (float32) or bf16 (Accelerate's communication hook: half
-    the bytes on the wire; lossy, so off by default; its FID is docs/ablation.md's i32-bf16).
+    the bytes on the wire; lossy, so off by default; its FID is docs/ablation.md's i32-bf16, on
+    2 ranks: the rounding of the bf16 sum grows with the number of ranks).
     fp16 is refused: its hook casts before dividing by the world size, so gradients above
     65504 overflow."""
     cpu_threads: int = 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -636,6 +637,23 @@ def test_resume_with_other_widths_is_refused_naming_the_key(one_process, tmp_pat
         ),
     ):
         Trainer(load_config(None, overrides(run_dir, "train.steps=20", "model.g_hidden=[32,48]")))
+
+
+def test_resume_with_another_dropout_warns_naming_the_value_that_trains(
+    one_process, tmp_path, caplog
+):
+    run_dir = copy_run(one_process["b"], tmp_path / "run")
+    with isolated_process_state(), caplog.at_level(logging.WARNING):
+        trainer = Trainer(
+            load_config(None, overrides(run_dir, "train.steps=20", "model.d_dropout=0.25"))
+        )
+        trainer.close()
+    warned = [r.getMessage() for r in caplog.records if "resuming with" in r.getMessage()]
+    # One line per changed key: this run's Dropout, and the EMA the fixture's run (b) had.
+    assert [w.split("resuming with this run's ")[1] for w in warned] == [
+        "model.d_dropout=0.25",
+        "model.ema_decay=0.0",
+    ], warned
 
 
 def test_resume_none_refuses_a_non_empty_run_directory_naming_overwrite(one_process, tmp_path):

@@ -492,6 +492,16 @@ def check_compatible(manifest: dict[str, Any], model_cfg: dict[str, Any], path: 
                 f"checkpoint {path} was written with model.{key}={stored.get(key)!r} but this run has "
                 f"model.{key}={model_cfg.get(key)!r}; use the same value or a new output_dir"
             )
+    changed = [k for k in sorted(set(stored) | set(model_cfg)) if stored.get(k) != model_cfg.get(k)]
+    for key in changed:  # e.g. a requeued run after a default changed: say which value trains
+        log.warning(
+            "checkpoint %s was written with model.%s=%r; resuming with this run's model.%s=%r",
+            path,
+            key,
+            stored.get(key),
+            key,
+            model_cfg.get(key),
+        )
 
 
 def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
