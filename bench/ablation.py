@@ -55,7 +55,7 @@ ALL_OFF = (
     "train.instance_noise_std=0",
     "train.d_weight_penalty=0",
 )
-MULTI_STEPS = 2000
+MULTI_STEPS = 1000
 EMA_DECAY = 0.995
 """The EMA tried when the default has none (a 139-step half-life: 0.999 lagged the live G at
 every horizon up to 6000 steps in single-seed runs, 0.995 did not)."""
@@ -113,6 +113,7 @@ VARIANTS = (
             "train.penalty_include_biases=false",
             "NOISE_ANNEALED_OVER_RUN",
         ),
+        extra=True,
     ),
     Variant("p10", "Dropout 0.1 in D", ("model.d_dropout=0.1",)),
     Variant("p25", "Dropout 0.25 in D", ("model.d_dropout=0.25",), extra=True),
@@ -140,6 +141,7 @@ VARIANTS = (
         ("train.grad_compression=bf16",),
         2,
         32,
+        extra=True,
     ),
 )
 BY_KEY = {v.key: v for v in VARIANTS}
@@ -705,7 +707,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated variant keys (default: all but p25, p50-dupdate)",
+        help="comma-separated variant keys (default: all but old, p25, p50-dupdate, i32-bf16)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(

@@ -53,13 +53,18 @@ class ModelConfig:
     """Epsilon added to the BatchNorm variance."""
     d_dropout: float = 0.1
     """Dropout probability after each hidden layer of the discriminator; 0 switches it off.
-    0.1, not the reference's 0.5: at 4000 steps over 3 seeds dropout cost FID at every rate
-    tried (off 59.7 ± 4.0; 0.1 75.4 ± 8.5; 0.5 83.8 ± 4.7; docs/ablation.md (c), (p10), (g)),
-    and 0.1 cost least while keeping it on."""
+    0.1, not the reference's 0.5: in `make ablation` (4000 steps, seeds 0-2, docs/ablation.md)
+    dropout cost FID at every rate tried (off 58.9 ± 3.9, variant (c); 0.1 74.2 ± 8.2, the
+    default (a); 0.5 82.5 ± 4.5, (g)), and 0.1 cost least while keeping it on, as the design
+    asks."""
     leaky_slope: float = 0.2
     """Negative slope of the discriminator's LeakyReLU."""
     ema_decay: float = 0.0
-    """Decay of the exponential moving average of G's weights; 0 switches the EMA off."""
+    """Decay of the exponential moving average of G's weights; 0 switches the EMA off. Off by
+    default: in `make ablation` (4000 steps, seeds 0-2) the EMA at 0.995 with recomputed BN
+    statistics scored FID 71.3 ± 2.3 against the live G's 74.2 ± 8.2, not distinguishable at
+    two standard errors, so it does not earn its cost (8 forward passes of 256 latents before
+    every sample, score and save)."""
     ema_bn_batches: int = 8
     """EMA only: before the EMA generator is sampled, scored or saved, recompute its BatchNorm
     statistics from this many batches of 256 fresh latents; 0 copies G's live statistics
@@ -101,9 +106,11 @@ class TrainConfig:
     """Linear decay of the noise std to 0 over this many steps; 0 keeps it constant."""
     d_weight_penalty: float = 0.01
     """L2 penalty lambda * sum ||theta_D||^2 added to D's loss on every replica; 0 switches it
-    off. 0.01 over all of D's parameters, the reference design's value: it beat 1e-5 without
-    the biases (and annealed noise) at 3000 steps over 3 seeds (docs/ablation.md, variant
-    "old"), and switching it off is variant (e)."""
+    off. 0.01 over all of D's parameters, the reference design's value: switching it off, variant
+    (e) of `make ablation`, gave FID 81.4 ± 12.0 against the default's 74.2 ± 8.2 (4000 steps,
+    seeds 0-2; not distinguishable at two standard errors), and 1e-3 was no better in a
+    single-seed run; the previous default (1e-5 without biases, noise annealed) is variant
+    `--only old`."""
     penalty_include_biases: bool = True
     """Whether D's biases are part of the L2 penalty (the reference design: all parameters)."""
     mixed_precision: str = "no"
