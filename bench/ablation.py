@@ -323,31 +323,32 @@ def _command(s: Settings, variant: Variant, seed: int) -> list[str]:
     return [*launch, str(get_free_port()), train, *args]
 
 
+def _training_values(cfg) -> dict:
+    """A resolved config as a dict, without its paths and tracker names: what decides the
+    training itself."""
+    from pipeline.config import to_dict
+
+    values = to_dict(cfg)
+    values.pop("output_dir")
+    values.pop("log")
+    return values
+
+
 def _training_config(s: Settings, variant: Variant, seed: int = 0) -> dict | None:
-    """The resolved run config of a trainer variant without its paths and tracker names (None
-    for the tutorial loop): what decides the training itself."""
-    from pipeline.config import load_config, to_dict
+    """The training values of a trainer variant's run (None for the tutorial loop)."""
+    from pipeline.config import load_config
 
     if variant.tutorial:
         return None
-    cfg = to_dict(load_config(PRESET, _trainer_overrides(s, variant, seed)))
-    cfg.pop("output_dir")
-    cfg.pop("log")
-    return {**cfg, "processes": variant.processes}
+    cfg = load_config(PRESET, _trainer_overrides(s, variant, seed))
+    return {**_training_values(cfg), "processes": variant.processes}
 
 
-def _tutorial_overrides(seed: int) -> list[str]:
-    return [f"seed={seed}", *BY_KEY["h"].overrides]
+def _tutorial_config(seed: int):
+    """The resolved config the tutorial loop (h) takes its values from."""
+    from pipeline.config import load_config
 
-
-def _tutorial_config(seed: int) -> dict:
-    """The resolved config the tutorial loop (h) takes its values from, paths and trackers aside."""
-    from pipeline.config import load_config, to_dict
-
-    cfg = to_dict(load_config(PRESET, _tutorial_overrides(seed)))
-    cfg.pop("output_dir")
-    cfg.pop("log")
-    return cfg
+    return load_config(PRESET, [f"seed={seed}", *BY_KEY["h"].overrides])
 
 
 def same_config(s: Settings, key: str, other: str) -> bool:
@@ -358,8 +359,8 @@ def same_config(s: Settings, key: str, other: str) -> bool:
 
 def _reusable(s: Settings, variant: Variant, seed: int, out: Path, row: dict) -> bool:
     """Whether a finished run in ``out`` is the run asked for now: the same steps and samples
-    and, for the trainer, the same resolved config (a changed default retrains it)."""
-    from pipeline.config import load_config, to_dict
+    and the same resolved config (a changed default retrains it)."""
+    from pipeline.config import load_config
 
     steps = s.steps if variant.processes == 1 else s.multi_steps
     done = json.loads((out / "summary.json").read_text())["steps"]
@@ -367,14 +368,10 @@ def _reusable(s: Settings, variant: Variant, seed: int, out: Path, row: dict) ->
         return False
     if variant.tutorial:
         stored_file = out / "tutorial-config.json"
-        return stored_file.exists() and json.loads(stored_file.read_text()) == _tutorial_config(
-            seed
-        )
-    wanted = _training_config(s, variant, seed)
-    stored = to_dict(load_config(out / "config.yaml"))
-    stored.pop("output_dir")
-    stored.pop("log")
-    return {**stored, "processes": variant.processes} == wanted
+        wanted = _training_values(_tutorial_config(seed))
+        return stored_file.exists() and json.loads(stored_file.read_text()) == wanted
+    stored = _training_values(load_config(out / "config.yaml"))
+    return {**stored, "processes": variant.processes} == _training_config(s, variant, seed)
 
 
 def train_one(s: Settings, variant: Variant, seed: int) -> dict:
@@ -464,15 +461,14 @@ def tutorial_run(out: Path, seed: int, steps: int, samples: int, trackers: str) 
     steps on the mnist5k training digits; scored, probed and logged like a trainer run."""
     from bench.workloads import tutorial_gan
     from pipeline.cli.evaluate import generate_samples
-    from pipeline.config import load_config
     from pipeline.data import load_dataset
     from pipeline.evaluation import Evaluator
     from pipeline.samples import fixed_latents, render, save_grid
 
     torch.set_num_threads(1)
-    cfg = load_config(PRESET, _tutorial_overrides(seed))
+    cfg = _tutorial_config(seed)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "tutorial-config.json", _tutorial_config(seed))  # for --reuse
+    atomic_write_json(out / "tutorial-config.json", _training_values(cfg))  # for --reuse
     images = load_dataset(cfg.data, "train").images
     started = time.perf_counter()
     step, G, D = tutorial_gan(cfg, torch.device("cpu"), images)

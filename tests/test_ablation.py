@@ -24,6 +24,22 @@ def _cell(mean: float, std: float, n: int = 3) -> list[float]:
     return [mean, std, n]
 
 
+def _settings(tmp_path: Path, **changes) -> ablation.Settings:
+    """Tiny ablation settings with runs and report under ``tmp_path``."""
+    values = {
+        "steps": 30,
+        "multi_steps": 30,
+        "seeds": [0],
+        "samples": 500,
+        "jobs": 1,
+        "trackers": "none",
+        "out_dir": tmp_path,
+        "runs_dir": tmp_path,
+        "reuse": False,
+    }
+    return ablation.Settings(**(values | changes))
+
+
 @pytest.mark.parametrize(
     ("on", "off", "better", "expected"),
     [
@@ -78,17 +94,7 @@ def test_every_claim_compares_variants_that_exist_on_a_declared_metric():
 
 
 def test_every_variant_is_a_config_the_trainer_accepts(tmp_path):
-    s = ablation.Settings(
-        steps=10,
-        multi_steps=8,
-        seeds=[0],
-        samples=100,
-        jobs=1,
-        trackers="none",
-        out_dir=tmp_path,
-        runs_dir=tmp_path,
-        reuse=False,
-    )
+    s = _settings(tmp_path, steps=10, multi_steps=8, samples=100)
     preset = ROOT / "configs" / "mnist5k.yaml"
     for variant in ablation.VARIANTS:
         cfg = load_config(preset, ablation._trainer_overrides(s, variant, 0))
@@ -191,24 +197,14 @@ def test_the_sweep_switches_each_technique_between_its_default_strength_and_off(
 
 
 def test_reuse_keeps_a_tutorial_run_only_if_it_was_trained_with_todays_values(tmp_path):
-    s = ablation.Settings(
-        steps=30,
-        multi_steps=30,
-        seeds=[0],
-        samples=500,
-        jobs=1,
-        trackers="none",
-        out_dir=tmp_path,
-        runs_dir=tmp_path,
-        reuse=True,
-    )
+    s = _settings(tmp_path, reuse=True)
     h = ablation.BY_KEY["h"]
     out = tmp_path / "h" / "seed-0"
     out.mkdir(parents=True)
     (out / "summary.json").write_text(json.dumps({"steps": 30}))
     row = {"n_samples": 500}
     assert not ablation._reusable(s, h, 0, out, row)  # no record of its values: retrain
-    stored = ablation._tutorial_config(0)
+    stored = ablation._training_values(ablation._tutorial_config(0))
     assert stored["model"]["d_dropout"] == 0.5  # the reference design's, not today's default
     (out / "tutorial-config.json").write_text(json.dumps(stored))
     assert ablation._reusable(s, h, 0, out, row)
@@ -234,7 +230,7 @@ def test_a_child_run_does_not_inherit_a_launchers_rank_variables(tmp_path, monke
         return 1  # stop there: a failed run
 
     monkeypatch.setattr(ablation.subprocess, "call", call)
-    s = ablation.Settings(30, 30, [0], 500, 1, "none", tmp_path, tmp_path, reuse=False)
+    s = _settings(tmp_path)
     with pytest.raises(RuntimeError, match="run a seed 0 failed"):
         ablation.train_one(s, ablation.BY_KEY["a"], 0)
     assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "PMI_SIZE"} & set(seen)
